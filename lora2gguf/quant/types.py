@@ -1,0 +1,67 @@
+"""Quantization file types we support, and their file-name tags.
+
+Pure data and pure functions (no numpy, no gguf) so that ``rules/common.smk`` can import them
+to map the ``{q}`` wildcard of ``model-{q}.gguf`` back to a type.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lora2gguf.errors import Lora2ggufError
+
+
+@dataclass(frozen=True)
+class FileType:
+    """One ``llama-quantize`` file type ("mostly Q4_K_M")."""
+
+    name: str  # as llama-quantize spells it: Q4_K_M
+    llama_ftype: int  # value of llama.cpp's enum llama_ftype (gguf.LlamaFileType), stored as general.file_type
+    default_tensor_type: str  # ggml type of an ordinary weight matrix (gguf.GGMLQuantizationType name)
+
+
+# Values of llama.cpp's llama_ftype enum (include/llama.h); they are written to general.file_type.
+_FILE_TYPES: tuple[FileType, ...] = (
+    FileType("Q8_0", 7, "Q8_0"),
+    FileType("Q4_0", 2, "Q4_0"),
+    FileType("Q4_1", 3, "Q4_1"),
+    FileType("Q5_0", 8, "Q5_0"),
+    FileType("Q5_1", 9, "Q5_1"),
+    FileType("Q4_K_S", 14, "Q4_K"),
+    FileType("Q4_K_M", 15, "Q4_K"),
+    FileType("Q5_K_S", 16, "Q5_K"),
+    FileType("Q5_K_M", 17, "Q5_K"),
+    FileType("Q6_K", 18, "Q6_K"),
+)
+
+FILE_TYPES: dict[str, FileType] = {ft.name: ft for ft in _FILE_TYPES}
+SUPPORTED: tuple[str, ...] = tuple(FILE_TYPES)
+
+# Tensor types a user may force with --output-tensor-type / --token-embedding-type: every type we can write.
+TENSOR_TYPES: tuple[str, ...] = ("F32", "F16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
+
+
+def canonical_type(name: str) -> str:
+    """``q4_k_m`` / ``Q4_K_M`` -> ``Q4_K_M``; unknown names fail with the supported list."""
+    upper = str(name).strip().upper()
+    if upper not in FILE_TYPES:
+        raise Lora2ggufError(
+            f"quantization type {name!r} is not supported; supported types: {', '.join(SUPPORTED)}"
+        )
+    return upper
+
+
+def file_tag(type_name: str) -> str:
+    """File-name tag of a type, as the export guide names files: Q4_K_M -> q4_km, Q8_0 -> q8_0, Q6_K -> q6_k."""
+    return canonical_type(type_name).lower().replace("_k_m", "_km").replace("_k_s", "_ks")
+
+
+def type_from_tag(tag: str) -> str:
+    """Inverse of :func:`file_tag`: q4_km -> Q4_K_M."""
+    for name in SUPPORTED:
+        if file_tag(name) == tag:
+            return name
+    raise Lora2ggufError(
+        f"file tag {tag!r} names no quantization type; known tags: "
+        + ", ".join(f"{file_tag(n)} ({n})" for n in SUPPORTED)
+    )
