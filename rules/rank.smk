@@ -1,0 +1,29 @@
+checkpoint rank_candidates:
+    input:
+        rank_inputs,
+    output:
+        analysis="results/model_analysis.json",
+    params:
+        candidates=rank_candidate_args(),
+        metric=config["selection"]["metric"],
+        mode=config["selection"]["mode"],
+    log:
+        "logs/rank_candidates.log",
+    shell:
+        "lora2gguf rank {params.candidates} --metric {params.metric}"
+        " --mode {params.mode} --out {output.analysis} > {log} 2>&1"
+
+
+rule plot_candidates:
+    input:
+        analysis="results/model_analysis.json",
+    output:
+        report(
+            "results/plots/candidates.png",
+            caption="../report/candidates.rst",
+            category="Ranking",
+        ),
+    log:
+        "logs/plot_candidates.log",
+    shell:
+        "lora2gguf plot candidates --analysis {input.analysis} --out {output} > {log} 2>&1"
