@@ -1,0 +1,1 @@
+"""Evaluation: inference test of the merged model and float-vs-GGUF comparison in llama.cpp."""

@@ -1,0 +1,88 @@
+"""What a GGUF file is made of, read from its header with gguf-py: file type, tensor types, bits per weight,
+and the quantizer's sidecar (model-{q}.json) when one lies next to it."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from lora2gguf.errors import Lora2ggufError
+
+logger = logging.getLogger(__name__)
+
+# Sidecar keys we copy into the comparison when present (written by lora2gguf quantize).
+_SIDECAR_KEYS = ("type", "fallbacks", "fallback_count", "tensor_types", "bits_per_weight", "n_tensors")
+
+
+def _field_value(reader: Any, key: str) -> Any:
+    field = reader.fields.get(key)
+    if field is None:
+        return None
+    return field.contents()
+
+
+def file_type_label(file_type: int | None, tensor_types: dict[str, int]) -> str:
+    """"Q4_K_M" for LlamaFileType.MOSTLY_Q4_K_M; without general.file_type, the most common
+    non-F32 tensor type."""
+    import gguf
+
+    if file_type is not None:
+        try:
+            name = gguf.LlamaFileType(int(file_type)).name
+        except ValueError:
+            name = f"FILE_TYPE_{file_type}"
+        return name.removeprefix("MOSTLY_").removeprefix("ALL_")
+    weights = {k: v for k, v in tensor_types.items() if k != "F32"} or tensor_types
+    return max(weights, key=lambda k: weights[k]) if weights else "unknown"
+
+
+def describe(path: Path) -> dict[str, Any]:
+    """Header facts of one GGUF file. Bits per weight = 8 * tensor bytes / tensor elements, as
+    llama.cpp prints it at load time."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(path, "r")
+    except (OSError, ValueError) as exc:
+        raise Lora2ggufError(f"{path}: not a readable GGUF file: {exc}") from exc
+    counts: Counter[str] = Counter()
+    n_bytes = 0
+    n_elements = 0
+    for tensor in reader.tensors:
+        counts[tensor.tensor_type.name] += 1
+        n_bytes += int(tensor.n_bytes)
+        n_elements += int(tensor.n_elements)
+    file_type = _field_value(reader, "general.file_type")
+    tensor_types = dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+    return {
+        "file": str(path),
+        "size_bytes": path.stat().st_size,
+        "architecture": _field_value(reader, "general.architecture"),
+        "file_type": file_type_label(file_type, tensor_types),
+        "general_file_type": None if file_type is None else int(file_type),
+        "n_tensors": len(reader.tensors),
+        "n_params": n_elements,
+        "tensor_bytes": n_bytes,
+        "bits_per_weight": 8.0 * n_bytes / n_elements if n_elements else None,
+        "tensor_types": tensor_types,
+    }
+
+
+def sidecar_path(gguf_path: Path) -> Path:
+    return gguf_path.with_suffix(".json")
+
+
+def read_sidecar(gguf_path: Path) -> dict[str, Any] | None:
+    """The quantizer's sidecar next to ``gguf_path`` (model-q4_km.gguf -> model-q4_km.json), or None."""
+    from lora2gguf.artifacts import read_json, sha256_file
+
+    path = sidecar_path(gguf_path)
+    if not path.is_file():
+        return None
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise Lora2ggufError(f"{path}: expected a JSON object (quantizer sidecar)")
+    picked = {key: data[key] for key in _SIDECAR_KEYS if key in data}
+    return {"path": str(path), "sha256": sha256_file(path), **picked}

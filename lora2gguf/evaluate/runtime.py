@@ -1,0 +1,170 @@
+"""The one wrapper around llama.cpp (through llama-cpp-python) used by the evaluation.
+
+We feed token ids, never text, so llama.cpp sees exactly what PyTorch saw, and we read raw logits
+and pick tokens ourselves (argmax), bypassing llama-cpp-python's sampler chain so greedy decoding
+means the same thing on both sides.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lora2gguf.errors import Lora2ggufError
+
+logger = logging.getLogger(__name__)
+
+
+def _llama_cpp() -> Any:
+    try:
+        import llama_cpp
+    except ImportError as exc:
+        raise Lora2ggufError(
+            "llama-cpp-python is not installed (pip install llama-cpp-python==0.3.36); "
+            f"it runs the GGUF files: {exc}"
+        ) from None
+    return llama_cpp
+
+
+@dataclass
+class Perf:
+    """llama.cpp's own timers (llama_perf_context): compute time only, no Python overhead."""
+
+    prompt_tokens: int
+    prompt_ms: float
+    generated_tokens: int
+    generation_ms: float
+
+
+@dataclass
+class GreedyResult:
+    tokens: list[int]
+    prompt_seconds: float  # wall clock, evaluating the prompt
+    generation_seconds: float  # wall clock, the single-token steps after the first token
+
+
+class LlamaRuntime:
+    """One GGUF file loaded in llama.cpp on the CPU.
+
+    logits_all=True keeps every position's logits (needed for perplexity/KL) at the cost of an
+    output-layer product per position; speed is therefore measured on a separate instance opened with
+    logits_all=False.
+    """
+
+    def __init__(self, path: Path, *, n_ctx: int, n_threads: int, logits_all: bool) -> None:
+        llama_cpp = _llama_cpp()
+        if not Path(path).is_file():
+            raise Lora2ggufError(f"{path}: GGUF file not found")
+        self.path = Path(path)
+        self.n_threads = n_threads
+        self.logits_all = logits_all
+        try:
+            self.llm = llama_cpp.Llama(
+                model_path=str(path),
+                n_ctx=n_ctx,
+                n_batch=min(n_ctx, 512),
+                n_threads=n_threads,
+                n_threads_batch=n_threads,
+                n_gpu_layers=0,
+                logits_all=logits_all,
+                no_perf=False,
+                verbose=False,
+            )
+        except (ValueError, RuntimeError) as exc:
+            raise Lora2ggufError(f"{path}: llama.cpp cannot load this file: {exc}") from exc
+        self._lib = llama_cpp
+
+    # -- facts about the loaded model ---------------------------------------------------------
+    @property
+    def n_vocab(self) -> int:
+        return int(self.llm.n_vocab())
+
+    @property
+    def n_ctx(self) -> int:
+        return int(self.llm.n_ctx())
+
+    def model_size_bytes(self) -> int:
+        """Bytes of all tensors as llama.cpp counts them (llama_model_size)."""
+        return int(self._lib.llama_model_size(self.llm.model))
+
+    def n_params(self) -> int:
+        return int(self._lib.llama_model_n_params(self.llm.model))
+
+    def system_info(self) -> str:
+        return self._lib.llama_print_system_info().decode("utf-8", "replace").strip()
+
+    # -- evaluation -----------------------------------------------------------------------------
+    def _check_ids(self, ids: list[int]) -> None:
+        if len(ids) > self.n_ctx:
+            raise Lora2ggufError(f"{self.path}: {len(ids)} tokens exceed the context of {self.n_ctx}")
+        bad = [i for i in ids if not 0 <= i < self.n_vocab]
+        if bad:
+            raise Lora2ggufError(
+                f"{self.path}: token id {bad[0]} is outside the GGUF vocabulary of {self.n_vocab} "
+                "(tokenizer and GGUF disagree)"
+            )
+
+    def logits(self, ids: list[int]) -> np.ndarray:
+        """Logits at every position of ``ids`` (fresh context), float32 (positions, vocabulary)."""
+        if not self.logits_all:
+            raise RuntimeError("logits() needs an instance opened with logits_all=True")
+        self._check_ids(ids)
+        self.llm.reset()
+        self.llm.eval(ids)
+        return np.array(self.llm.scores[: len(ids)], dtype=np.float32, copy=True)
+
+    def _last_logits(self) -> np.ndarray:
+        pointer = self._lib.llama_get_logits_ith(self.llm.ctx, -1)
+        return np.ctypeslib.as_array(pointer, shape=(self.n_vocab,))
+
+    def greedy(self, ids: list[int], max_new_tokens: int, stop_ids: list[int]) -> GreedyResult:
+        """Argmax decoding from a fresh context; a stop token ends it and is kept."""
+        self._check_ids(ids)
+        if len(ids) + max_new_tokens > self.n_ctx:
+            raise Lora2ggufError(
+                f"{self.path}: prompt {len(ids)} + {max_new_tokens} new tokens exceed the context {self.n_ctx}"
+            )
+        stop = set(stop_ids)
+        self.llm.reset()
+        start = time.perf_counter()
+        self.llm.eval(ids)
+        token = int(np.argmax(self._last_logits()))
+        prompt_seconds = time.perf_counter() - start
+        out = [token]
+        start = time.perf_counter()
+        while token not in stop and len(out) < max_new_tokens:
+            self.llm.eval([token])
+            token = int(np.argmax(self._last_logits()))
+            out.append(token)
+        return GreedyResult(out, prompt_seconds, time.perf_counter() - start)
+
+    def time_prompt(self, ids: list[int]) -> float:
+        """Wall-clock seconds to evaluate ``ids`` as one prompt from a fresh context."""
+        self._check_ids(ids)
+        self.llm.reset()
+        start = time.perf_counter()
+        self.llm.eval(ids)
+        self._last_logits()  # reading logits synchronises the backend
+        return time.perf_counter() - start
+
+    # -- llama.cpp's timers -----------------------------------------------------------------------
+    def perf_reset(self) -> None:
+        self._lib.llama_perf_context_reset(self.llm.ctx)
+
+    def perf(self) -> Perf:
+        data = self._lib.llama_perf_context(self.llm.ctx)
+        return Perf(int(data.n_p_eval), float(data.t_p_eval_ms), int(data.n_eval), float(data.t_eval_ms))
+
+    def close(self) -> None:
+        self.llm.close()
+
+    def __enter__(self) -> LlamaRuntime:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
