@@ -1,0 +1,268 @@
+"""Real (short, CPU) LoRA fine-tuning with peft + the HF Trainer, written in LLaMA-Factory's output layout.
+
+LLaMA-Factory's `sft` stage runs the HF Trainer and then writes, into its output_dir:
+adapter_config.json, adapter_model.safetensors, the tokenizer files (with the chat template),
+train_results.json, eval_results.json, all_results.json and trainer_state.json (whose log_history
+holds the loss of each logging step and the eval loss). We drive the same Trainer so those files are
+written by the same code, with the same keys. Like LLaMA-Factory's default (train_on_prompt false),
+only assistant turns contribute to the loss.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from lora2gguf.artifacts import atomic_dir, sha256_file
+from lora2gguf.errors import Lora2ggufError
+
+logger = logging.getLogger(__name__)
+
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+IGNORE_INDEX = -100
+
+
+def _load_records(dataset: Path | None, split: str) -> list[dict[str, Any]]:
+    from lora2gguf.demo.dataset import load_dataset_split, read_jsonl
+
+    if dataset is None:
+        return load_dataset_split(split)
+    path = Path(dataset) / f"{split}.jsonl"
+    if not path.is_file():
+        raise Lora2ggufError(f"{path}: dataset split file not found (expected train.jsonl and eval.jsonl in {dataset})")
+    return read_jsonl(path)
+
+
+def encode_dialogue(tokenizer: Any, messages: list[dict[str, str]], max_length: int) -> dict[str, list[int]] | None:
+    """Token ids and labels for one dialogue; labels are IGNORE_INDEX except on assistant turns.
+
+    The chat template is rendered for growing prefixes of the conversation; each new piece of text is
+    encoded on its own (as LLaMA-Factory encodes prompt and response separately), so we know exactly
+    which tokens are the assistant's. Returns None when truncation leaves nothing to learn from.
+    """
+    input_ids: list[int] = []
+    labels: list[int] = []
+    rendered = ""
+    for index, message in enumerate(messages):
+        if message["role"] == "assistant":
+            prompt = tokenizer.apply_chat_template(messages[:index], tokenize=False, add_generation_prompt=True)
+            full = tokenizer.apply_chat_template(messages[: index + 1], tokenize=False)
+            if not prompt.startswith(rendered) or not full.startswith(prompt):
+                raise Lora2ggufError(
+                    "tokenizer_config.json: key chat_template does not render conversations prefix-wise; "
+                    "cannot tell prompt from response tokens"
+                )
+            prompt_ids = tokenizer.encode(prompt[len(rendered) :], add_special_tokens=False)
+            answer_ids = tokenizer.encode(full[len(prompt) :], add_special_tokens=False)
+            input_ids += prompt_ids + answer_ids
+            labels += [IGNORE_INDEX] * len(prompt_ids) + answer_ids
+            rendered = full
+    input_ids, labels = input_ids[:max_length], labels[:max_length]
+    if all(label == IGNORE_INDEX for label in labels):
+        return None
+    return {"input_ids": input_ids, "labels": labels}
+
+
+def encode_records(tokenizer: Any, records: Sequence[dict[str, Any]], max_length: int, split: str) -> list[dict]:
+    from lora2gguf.demo.dataset import to_messages
+
+    encoded = []
+    for record in records:
+        item = encode_dialogue(tokenizer, to_messages(record), max_length)
+        if item is None:
+            logger.warning("%s: dialogue %s has no response tokens within %d tokens; skipped", split, record.get("id"), max_length)
+            continue
+        encoded.append(item)
+    if not encoded:
+        raise Lora2ggufError(f"{split} split: no usable dialogues (max_length {max_length} too small?)")
+    n_tokens = sum(len(e["input_ids"]) for e in encoded)
+    n_target = sum(sum(1 for x in e["labels"] if x != IGNORE_INDEX) for e in encoded)
+    logger.info("%s: %d dialogues, %d tokens (%d in the loss)", split, len(encoded), n_tokens, n_target)
+    return encoded
+
+
+class _PadCollator:
+    """Right-pads a batch; padding is masked from attention and loss."""
+
+    def __init__(self, pad_id: int) -> None:
+        self.pad_id = pad_id
+
+    def __call__(self, features: list[dict[str, list[int]]]) -> dict[str, Any]:
+        import torch
+
+        width = max(len(f["input_ids"]) for f in features)
+        ids, labels, mask = [], [], []
+        for f in features:
+            pad = width - len(f["input_ids"])
+            ids.append(f["input_ids"] + [self.pad_id] * pad)
+            labels.append(f["labels"] + [IGNORE_INDEX] * pad)
+            mask.append([1] * len(f["input_ids"]) + [0] * pad)
+        return {
+            "input_ids": torch.tensor(ids, dtype=torch.long),
+            "labels": torch.tensor(labels, dtype=torch.long),
+            "attention_mask": torch.tensor(mask, dtype=torch.long),
+        }
+
+
+def _check_base(base_dir: Path) -> None:
+    if not (base_dir / "config.json").is_file():
+        raise Lora2ggufError(f"{base_dir / 'config.json'}: base model folder has no config.json")
+    if not any(base_dir.glob("*.safetensors")):
+        raise Lora2ggufError(f"{base_dir}: no *.safetensors weights (pickle .bin weights are refused)")
+
+
+def train_lora(
+    base_dir: Path,
+    out_dir: Path,
+    *,
+    dataset: Path | None = None,
+    r: int = 8,
+    alpha: int = 16,
+    dropout: float = 0.0,
+    target_modules: Sequence[str] = ALL_LINEAR,
+    steps: int = 10,
+    lr: float = 1e-3,
+    batch_size: int = 2,
+    grad_accum: int = 1,
+    max_length: int = 256,
+    warmup_steps: int = 0,
+    scheduler: str = "cosine",
+    logging_steps: int = 1,
+    seed: int = 0,
+    base_name: str | None = None,
+) -> Path:
+    """Train a LoRA adapter on ``base_dir`` and write a LLaMA-Factory-style run folder at ``out_dir``.
+
+    ``dataset``: a folder with train.jsonl / eval.jsonl (ShareGPT records); None uses the packaged demo
+    data. ``base_name`` is what adapter_config.json records as base_model_name_or_path (default: the
+    path as given). Evaluation runs once, after training, on the whole eval split.
+    """
+    base_dir, out_dir = Path(base_dir), Path(out_dir)
+    _check_base(base_dir)
+    if r <= 0 or alpha <= 0 or steps <= 0 or batch_size <= 0 or max_length <= 8:
+        raise Lora2ggufError(f"train_lora: r, alpha, steps, batch_size must be positive (got r={r}, alpha={alpha}, steps={steps}, batch_size={batch_size}, max_length={max_length})")
+    train_records = _load_records(dataset, "train")
+    eval_records = _load_records(dataset, "eval")
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments, set_seed
+
+    set_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(str(base_dir), local_files_only=True)
+    if not tokenizer.chat_template:
+        raise Lora2ggufError(f"{base_dir / 'tokenizer_config.json'}: key chat_template missing")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    train_set = encode_records(tokenizer, train_records, max_length, "train")
+    eval_set = encode_records(tokenizer, eval_records, max_length, "eval")
+
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32, local_files_only=True)
+    if base_name is not None:
+        model.config._name_or_path = base_name
+    lora = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        target_modules=list(target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(model, lora)
+    if base_name is not None:
+        model.peft_config["default"].base_model_name_or_path = base_name
+    trainable, total = model.get_nb_trainable_parameters()
+    logger.info("LoRA r=%d alpha=%d on %s: %d trainable of %d parameters", r, alpha, ",".join(target_modules), trainable, total)
+
+    with atomic_dir(out_dir) as tmp:
+        args = TrainingArguments(
+            output_dir=str(tmp),
+            max_steps=steps,
+            per_device_train_batch_size=batch_size,
+            per_device_eval_batch_size=batch_size,
+            gradient_accumulation_steps=grad_accum,
+            learning_rate=lr,
+            lr_scheduler_type=scheduler,
+            warmup_steps=warmup_steps,
+            logging_steps=logging_steps,
+            eval_strategy="no",
+            save_strategy="no",
+            report_to=[],
+            seed=seed,
+            data_seed=seed,
+            use_cpu=True,
+            dataloader_num_workers=0,
+            remove_unused_columns=False,
+            disable_tqdm=True,
+        )
+        trainer = Trainer(
+            model=model,
+            args=args,
+            train_dataset=train_set,
+            eval_dataset=eval_set,
+            data_collator=_PadCollator(tokenizer.pad_token_id),
+            processing_class=tokenizer,
+        )
+        result = trainer.train()
+        trainer.save_model(str(tmp))
+        train_metrics = dict(result.metrics)
+        trainer.log_metrics("train", train_metrics)
+        trainer.save_metrics("train", train_metrics)
+        eval_metrics = trainer.evaluate()
+        if not math.isfinite(eval_metrics.get("eval_loss", float("nan"))):
+            raise Lora2ggufError(f"{out_dir}: evaluation produced a non-finite eval_loss ({eval_metrics.get('eval_loss')})")
+        trainer.log_metrics("eval", eval_metrics)
+        trainer.save_metrics("eval", eval_metrics)
+        trainer.save_state()
+        hyper = {
+            "r": r, "alpha": alpha, "dropout": dropout, "target_modules": list(target_modules), "steps": steps,
+            "lr": lr, "batch_size": batch_size, "grad_accum": grad_accum, "max_length": max_length,
+            "warmup_steps": warmup_steps, "scheduler": scheduler, "seed": seed,
+        }
+        _write_demo_record(tmp, base_dir, dataset, train_set, eval_set, hyper)
+    logger.info("run written to %s: eval_loss %.4f, train_loss %.4f", out_dir, eval_metrics["eval_loss"], train_metrics["train_loss"])
+    return out_dir
+
+
+def _write_demo_record(
+    folder: Path, base_dir: Path, dataset: Path | None, train_set: list, eval_set: list, hyper: dict[str, Any]
+) -> None:
+    """Provenance of the run (not a LLaMA-Factory file; readers of the layout ignore it)."""
+    from lora2gguf.demo.dataset import DATA_FILES, data_dir
+
+    data_root = Path(dataset) if dataset is not None else data_dir()
+    names = {s: (f"{s}.jsonl" if dataset is not None else DATA_FILES[s]) for s in ("train", "eval")}
+    record = {
+        "trainer": "transformers.Trainer + peft LoRA (lora2gguf.demo.train)",
+        "hyperparameters": hyper,
+        "base_model": str(base_dir),
+        "base_weights_sha256": {p.name: sha256_file(p) for p in sorted(base_dir.glob("*.safetensors"))},
+        "data": {s: {"file": str(data_root / n), "sha256": sha256_file(data_root / n)} for s, n in names.items()},
+        "examples": {"train": len(train_set), "eval": len(eval_set)},
+        "tokens": {
+            "train": sum(len(e["input_ids"]) for e in train_set),
+            "eval": sum(len(e["input_ids"]) for e in eval_set),
+        },
+        "versions": {name: _version(name) for name in ("torch", "transformers", "peft", "accelerate")},
+        "torch_threads": _torch_threads(),
+    }
+    (folder / "lora2gguf_demo_run.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+
+
+def _version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
