@@ -53,7 +53,7 @@ def _reference_pass(
     from lora2gguf.evaluate import metrics, reference
 
     device = reference.select_device(args.device)
-    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
     model, tokenizer = reference.load(
         args.reference, device, torch.float32, trust_remote_code=args.trust_remote_code,
         allow_pickle=args.allow_pickle,

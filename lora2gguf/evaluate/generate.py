@@ -38,6 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("auto", "on", "off"),
         help="answer all prompts in one padded batch; auto: batch on CUDA, one by one on CPU",
     )
+    parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's own choice)")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow model code from the folder")
     parser.add_argument("--allow-pickle", action="store_true", help="allow pytorch_model.bin weights")
 
@@ -164,6 +165,7 @@ def _cases(
 
 def run(args: argparse.Namespace) -> int:
     from lora2gguf.artifacts import sha256_tree, write_json
+    from lora2gguf.errors import Lora2ggufError
     from lora2gguf.evaluate import reference
     from lora2gguf.evaluate.settings import resolve_generation, resolve_prompts
     from lora2gguf.provenance import PeakMemory, Timer, device_info, package_versions
@@ -176,6 +178,10 @@ def run(args: argparse.Namespace) -> int:
 
     device = reference.select_device(args.device)
     dtype = reference.select_dtype(args.dtype, device, args.model)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise Lora2ggufError(f"--threads {args.threads}: must be at least 1")
+        torch.set_num_threads(args.threads)
     batched = args.batch == "on" or (args.batch == "auto" and device.startswith("cuda") and len(prompts) > 1)
     batch_reason = {
         "on": "--batch on",

@@ -1,0 +1,68 @@
+# Inference test of the merged model and the float-vs-GGUF comparison in llama.cpp.
+# Prompts and generation settings travel as inline JSON params (not the config file), so that a change
+# of just those keys, and nothing else in config.yaml, makes these results stale.
+
+
+rule test_merged_model:
+    input:
+        model="models/{model}-merged",
+    output:
+        report=report(
+            "results/{model}/merged_model_test.json",
+            caption="../report/merged_model_test.rst",
+            category="Evaluation",
+            subcategory="{model}",
+        ),
+    log:
+        "logs/test_merged_model/{model}.log",
+    benchmark:
+        "benchmarks/test_merged_model/{model}.tsv"
+    conda:
+        "../envs/torch.yaml"
+    threads: config["evaluation"].get("threads", 2)
+    params:
+        prompts=json.dumps(config["test_prompts"], ensure_ascii=False),
+        generation=json.dumps(config["generation"]),
+        device=config["evaluation"].get("device", "auto"),
+    shell:
+        "lora2gguf test --model {input.model} --prompts {params.prompts:q}"
+        " --generation {params.generation:q} --device {params.device}"
+        " --threads {threads} --out {output.report} > {log} 2>&1"
+
+
+rule compare_models:
+    input:
+        reference="models/{model}-merged",
+        f16="models/{model}-merged-gguf/model.gguf",
+        quants=expand("models/{{model}}-merged-gguf/model-{q}.gguf", q=quant_tags()),
+        sidecars=expand("models/{{model}}-merged-gguf/model-{q}.json", q=quant_tags()),
+        eval_text=config["evaluation"]["text"],
+    output:
+        report=report(
+            "results/{model}/compare_models.json",
+            caption="../report/compare_models.rst",
+            category="Evaluation",
+            subcategory="{model}",
+        ),
+    log:
+        "logs/compare_models/{model}.log",
+    benchmark:
+        "benchmarks/compare_models/{model}.tsv"
+    conda:
+        "../envs/torch.yaml"
+    threads: config["evaluation"].get("threads", 2)
+    params:
+        gguf=lambda wildcards, input: " ".join(
+            f"--gguf {path}" for path in [input.f16, *input.quants]
+        ),
+        prompts=json.dumps(config["test_prompts"], ensure_ascii=False),
+        max_new_tokens=config["generation"]["max_new_tokens"],
+        max_tokens=config["evaluation"]["max_tokens"],
+        context=config["evaluation"]["context"],
+        device=config["evaluation"].get("device", "auto"),
+    shell:
+        "lora2gguf compare --reference {input.reference} {params.gguf}"
+        " --eval-text {input.eval_text} --max-tokens {params.max_tokens}"
+        " --context {params.context} --prompts {params.prompts:q}"
+        " --max-new-tokens {params.max_new_tokens} --device {params.device}"
+        " --threads {threads} --out {output.report} > {log} 2>&1"
