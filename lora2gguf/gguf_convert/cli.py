@@ -1,0 +1,50 @@
+"""``lora2gguf convert``: merged HF model folder -> GGUF (F16 by default)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+HELP = "convert a merged Hugging Face model folder (Qwen2 or Llama) to a GGUF file"
+
+_OUTTYPES = ("f16", "bf16", "f32", "q8_0")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Convert a merged Hugging Face model folder (config.json, tokenizer.json, *.safetensors) to one GGUF "
+        "file that llama.cpp loads. Supported architectures: Qwen2ForCausalLM (qwen2: Qwen1.5/Qwen2/Qwen2.5) "
+        "and LlamaForCausalLM (llama: Llama, SmolLM2). Tensors are streamed one at a time from memory-mapped "
+        "safetensors; the output is written to a temporary file and renamed when complete. Torch is not needed."
+    )
+    parser.add_argument("in_dir", metavar="IN_DIR", type=Path, help="merged model folder (Hugging Face layout)")
+    parser.add_argument("out", metavar="OUT.gguf", type=Path, help="GGUF file to write")
+    parser.add_argument(
+        "--outtype",
+        choices=_OUTTYPES,
+        default="f16",
+        help="type of the weight matrices (default: f16; norms and biases stay f32). f16 fails with a "
+        "message if a tensor exceeds the float16 range: use bf16 then. q8_0 is llama.cpp's 8-bit type.",
+    )
+    parser.add_argument("--base-model", metavar="NAME", help="base model name, recorded as general.basename and general.base_model.0.name")
+    parser.add_argument("--adapter", metavar="NAME", help="LoRA adapter / run name, recorded as general.finetune")
+    parser.add_argument("--name", metavar="NAME", help="model name for general.name (default: from the folder)")
+    parser.add_argument("--no-progress", action="store_true", help="no per-tensor progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    from lora2gguf.gguf_convert.convert import convert
+
+    convert(
+        args.in_dir,
+        args.out,
+        args.outtype,
+        base_model=args.base_model,
+        adapter=args.adapter,
+        name=args.name,
+        progress=not args.no_progress,
+    )
+    return 0

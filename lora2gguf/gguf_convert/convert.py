@@ -1,0 +1,206 @@
+"""Stream a merged HF model folder (safetensors) into one GGUF file.
+
+GGUF puts every tensor's name, shape, type and offset before the data. All of those follow from the
+safetensors headers and the chosen output type, so the header is written first from the headers
+alone, then each tensor is mapped, converted and appended, one at a time. Peak memory is therefore
+the largest tensor (source view + converted copy) plus a fixed overhead, whatever the model size.
+The file is written under a temporary name and renamed into place only when complete.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+from tqdm import tqdm
+
+from lora2gguf.artifacts import atomic_file
+from lora2gguf.errors import Lora2ggufError
+from lora2gguf.gguf_convert import archs, vocab
+from lora2gguf.gguf_convert.safetensors_io import TensorEntry, index_tensors, open_tensor
+from lora2gguf.gguf_convert.tensors import OUTTYPES, TensorPlan, convert_data, plan_tensors
+from lora2gguf.provenance import PeakMemory, Timer
+
+logger = logging.getLogger(__name__)
+
+_CHUNK_ROWS = 4096
+
+
+@dataclass
+class ConvertSummary:
+    """What one conversion did and what it cost (logged; returned for tests and reports)."""
+
+    input_dir: str
+    output: str
+    architecture: str
+    outtype: str
+    n_tensors: int
+    tensor_types: dict[str, int]
+    skipped_tensors: list[str]
+    n_parameters: int
+    file_bytes: int
+    input_bytes: int
+    largest_tensor_bytes: int
+    seconds: float
+    peak_rss_mb: float
+    rss_at_start_mb: float
+    tokenizer_pre: str
+    n_tokens: int
+    tied_embeddings: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _check_tied_copy(head: TensorEntry, embed: TensorEntry) -> None:
+    """A tied model's saved lm_head must equal the embeddings (compared in row chunks, not loaded whole)."""
+    if head.shape != embed.shape or head.dtype != embed.dtype:
+        raise Lora2ggufError(
+            f"{head.path}: config.json has tie_word_embeddings=true but 'lm_head.weight' ({head.dtype} "
+            f"{list(head.shape)}) is not a copy of 'model.embed_tokens.weight' ({embed.dtype} {list(embed.shape)})"
+        )
+    with open_tensor(head) as a, open_tensor(embed) as b:
+        for start in range(0, a.shape[0], _CHUNK_ROWS):
+            if not np.array_equal(a[start : start + _CHUNK_ROWS], b[start : start + _CHUNK_ROWS]):
+                raise Lora2ggufError(
+                    f"{head.path}: config.json has tie_word_embeddings=true but 'lm_head.weight' differs from "
+                    "'model.embed_tokens.weight' (a LoRA or modules_to_save on a tied lm_head?); llama.cpp would "
+                    "use the embeddings as the head and lose that change. Set tie_word_embeddings=false in "
+                    "config.json to keep a separate head, or merge without touching lm_head."
+                )
+
+
+def _metadata(
+    writer: gguf.GGUFWriter,
+    model_dir: Path,
+    name: str | None,
+    base_model: str | None,
+    adapter: str | None,
+) -> gguf.Metadata:
+    """general.* keys: gguf-py's heuristics (model card, generation config, folder name), then our provenance."""
+    total, shared, expert, expert_count = writer.get_total_parameter_count()
+    meta = gguf.Metadata.load(None, model_dir, name, total)
+    if meta.name is None:
+        meta.name = model_dir.name
+    if base_model:
+        meta.basename = base_model
+        meta.base_models = [{"name": base_model}]
+    if adapter:
+        meta.finetune = adapter
+    if meta.size_label is None and total > 0:
+        meta.size_label = gguf.size_label(total, shared, expert, expert_count)
+    return meta
+
+
+def convert(
+    model_dir: str | Path,
+    out_path: str | Path,
+    outtype: str = "f16",
+    *,
+    base_model: str | None = None,
+    adapter: str | None = None,
+    name: str | None = None,
+    progress: bool = True,
+) -> ConvertSummary:
+    """Convert ``model_dir`` (HF folder with config.json, tokenizer.json, *.safetensors) to ``out_path``."""
+    model_dir = Path(model_dir)
+    out_path = Path(out_path)
+    if outtype not in OUTTYPES:
+        raise Lora2ggufError(f"--outtype {outtype!r} is not one of {', '.join(OUTTYPES)}")
+    if not model_dir.is_dir():
+        raise Lora2ggufError(f"{model_dir}: input folder not found")
+    config_path = model_dir / "config.json"
+    with PeakMemory() as memory, Timer() as timer:
+        config = archs.load_config(model_dir)
+        spec = archs.spec_for(config, config_path)
+        hp = archs.read_hparams(config, config_path)
+        entries = index_tensors(model_dir)
+        plans, skipped = plan_tensors(entries, spec, hp, outtype, str(model_dir))
+        by_name = {e.name: e for e in entries}
+        if "lm_head.weight" in skipped:
+            _check_tied_copy(by_name["lm_head.weight"], by_name["model.embed_tokens.weight"])
+        for skipped_name in skipped:
+            logger.info("skipping %s (%s)", skipped_name, "tied to the embeddings" if skipped_name == "lm_head.weight" else "not a weight")
+        voc = vocab.build_vocab(model_dir, spec, hp.vocab_size)
+        ftype = OUTTYPES[outtype][0]
+
+        writer = gguf.GGUFWriter(path=None, arch=spec.name)
+        for plan in plans:
+            writer.add_tensor_info(plan.gguf_name, plan.shape, np.dtype(np.float32), plan.nbytes, raw_dtype=plan.qtype)
+        # Key order follows llama.cpp's converter: type, general.*, hyperparameters, file type,
+        # architecture extras, quantization version, tokenizer.
+        writer.add_type(gguf.GGUFType.MODEL)
+        meta = _metadata(writer, model_dir, name, base_model, adapter)
+        meta.set_gguf_meta_model(writer)
+        archs.write_hparams(writer, spec, hp)
+        writer.add_file_type(ftype)
+        archs.write_arch_extras(writer, spec, hp)
+        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        vocab.write_vocab(writer, voc)
+
+        logger.info(
+            "converting %s (%s, %d tensors, %d layers) to %s as %s",
+            model_dir, spec.name, len(plans), hp.block_count, out_path, outtype.upper(),
+        )
+        with atomic_file(out_path) as temp:
+            try:
+                writer.write_header_to_file(path=temp)
+                writer.write_kv_data_to_file()
+                writer.write_ti_data_to_file()
+                with tqdm(plans, desc="convert", unit="tensor", disable=not progress, mininterval=0.5) as bar:
+                    for plan in bar:
+                        bar.set_postfix_str(plan.gguf_name, refresh=False)
+                        with open_tensor(plan.entry) as data:
+                            out = convert_data(plan, data)
+                            writer.write_tensor_data(out)
+                            del out
+            finally:
+                writer.close()
+        file_bytes = out_path.stat().st_size
+    types: dict[str, int] = {}
+    for plan in plans:
+        types[plan.qtype.name] = types.get(plan.qtype.name, 0) + 1
+    summary = ConvertSummary(
+        input_dir=str(model_dir),
+        output=str(out_path),
+        architecture=spec.name,
+        outtype=outtype,
+        n_tensors=len(plans),
+        tensor_types=dict(sorted(types.items())),
+        skipped_tensors=skipped,
+        n_parameters=sum(p.n_elements for p in plans),
+        file_bytes=file_bytes,
+        input_bytes=sum(e.nbytes for e in entries),
+        largest_tensor_bytes=max(p.entry.nbytes for p in plans),
+        seconds=round(timer.seconds, 3),
+        peak_rss_mb=round(memory.peak_rss_mb, 1),
+        rss_at_start_mb=round(memory.start_rss_mb, 1),
+        tokenizer_pre=voc.pre,
+        n_tokens=len(voc.tokens),
+        tied_embeddings=not any(p.gguf_name == "output.weight" for p in plans),
+    )
+    _log_summary(summary)
+    return summary
+
+
+def _log_summary(s: ConvertSummary) -> None:
+    mib = 2**20
+    speed = s.input_bytes / mib / s.seconds if s.seconds > 0 else float("nan")
+    logger.info(
+        "wrote %s: %d tensors (%s), %.1f MiB, %d parameters, in %.2f s (%.1f MiB/s of input); "
+        "peak RSS %.1f MiB (%.1f MiB at start, largest tensor %.1f MiB)",
+        s.output,
+        s.n_tensors,
+        ", ".join(f"{k} x{v}" for k, v in s.tensor_types.items()),
+        s.file_bytes / mib,
+        s.n_parameters,
+        s.seconds,
+        speed,
+        s.peak_rss_mb,
+        s.rss_at_start_mb,
+        s.largest_tensor_bytes / mib,
+    )

@@ -1,0 +1,201 @@
+"""Tokenizer metadata for byte-level BPE (GPT-2 style) vocabularies, read from ``tokenizer.json``.
+
+Written keys: tokenizer.ggml.model (gpt2), .pre, .tokens, .token_type, .merges, special token ids
+(bos/eos/pad/...), add_bos_token/add_eos_token, and tokenizer.chat_template. The token list and
+types are built from the JSON itself (no transformers, no torch); merges, special ids and the chat
+template come from gguf-py's ``SpecialVocab``, which accepts both merge forms ("a b" strings and
+two-string lists, the latter since transformers 4.45).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gguf
+
+from lora2gguf.errors import Lora2ggufError
+from lora2gguf.gguf_convert.archs import ArchSpec
+
+logger = logging.getLogger(__name__)
+
+# Pre-tokenizer split regexes as they appear in tokenizer.json (facts about the public tokenizers).
+_QWEN2_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_LLAMA3_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+@dataclass
+class VocabInfo:
+    tokens: list[str]
+    token_types: list[int]
+    pre: str
+    add_space_prefix: bool | None
+    special: gguf.SpecialVocab
+    n_added: int
+    n_padding: int
+    notes: list[str] = field(default_factory=list)
+
+
+def _load_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise Lora2ggufError(f"{path}: not found (the converter needs the tokenizer files next to the weights)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise Lora2ggufError(f"{path}: cannot read: {exc}") from None
+
+
+def _split_pattern(step: dict[str, Any]) -> str | None:
+    pattern = step.get("pattern") or {}
+    return pattern.get("Regex") if isinstance(pattern, dict) else None
+
+
+def identify_pre_tokenizer(tokenizer: dict[str, Any], tokenizer_config: dict[str, Any], path: Path) -> str:
+    """Name llama.cpp's pre-tokenizer that reproduces this tokenizer.json's pre-tokenization.
+
+    llama.cpp's own converter recognises a pre-tokenizer by hashing the token ids of a fixed text,
+    which only works for vocabularies it has seen (a retrained or extended vocabulary gets a new
+    hash and is refused). The pre-tokenizer is a property of the ``pre_tokenizer`` section alone,
+    so we recognise that section's structure instead; the names are llama.cpp's
+    (``src/llama-vocab.cpp``), and the tokenization parity tests check the choice end to end.
+    """
+    pre = tokenizer.get("pre_tokenizer") or {}
+    steps = pre.get("pretokenizers") if pre.get("type") == "Sequence" else [pre]
+    steps = [s for s in steps or [] if isinstance(s, dict)]
+    kinds = [s.get("type") for s in steps]
+    byte_level = steps[-1] if kinds and kinds[-1] == "ByteLevel" else None
+    if byte_level is not None and not byte_level.get("add_prefix_space", False):
+        if kinds == ["Split", "ByteLevel"] and not byte_level.get("use_regex", True):
+            split = steps[0]
+            regex = _split_pattern(split)
+            if split.get("behavior") == "Isolated" and not split.get("invert", False):
+                if regex == _QWEN2_REGEX:
+                    return "qwen2"
+                if regex == _LLAMA3_REGEX:
+                    return "llama-bpe"
+        if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and byte_level.get("use_regex", True):
+            # \p{N} split followed by the GPT-2 regex. llama.cpp has several names for this split
+            # that differ only in whether decoding cleans up spaces: "smollm" does not (as SmolLM's
+            # tokenizer_config says), "starcoder" does.
+            if tokenizer_config.get("clean_up_tokenization_spaces") is True:
+                return "starcoder"
+            return "smollm"
+        if kinds == ["ByteLevel"] and byte_level.get("use_regex", True):
+            return "gpt-2"
+    raise Lora2ggufError(
+        f"{path}: key 'pre_tokenizer' ({json.dumps(pre)[:300]}) does not match a pre-tokenizer llama.cpp "
+        "implements (recognised: qwen2, llama-bpe, smollm/starcoder, gpt-2); converting it anyway would "
+        "tokenize differently in llama.cpp"
+    )
+
+
+def _looks_special(text: str) -> bool:
+    # Added tokens some tokenizers forget to flag as special (llama.cpp would warn at load and
+    # override their type): <|...|>, and a few well-known spellings.
+    return (text.startswith("<|") and text.endswith("|>")) or text in ("<pad>", "<mask>")
+
+
+def build_vocab(model_dir: Path, spec: ArchSpec, vocab_size: int) -> VocabInfo:
+    """Read tokenizer.json (+ tokenizer_config.json) into GGUF tokenizer metadata."""
+    tok_path = model_dir / "tokenizer.json"
+    tokenizer = _load_json(tok_path)
+    cfg_path = model_dir / "tokenizer_config.json"
+    tokenizer_config = _load_json(cfg_path) if cfg_path.is_file() else {}
+    model = tokenizer.get("model") or {}
+    if model.get("type") != "BPE":
+        raise Lora2ggufError(
+            f"{tok_path}: key 'model.type' is {model.get('type')!r}; only byte-level BPE tokenizers are supported"
+        )
+    if model.get("byte_fallback"):
+        raise Lora2ggufError(f"{tok_path}: key 'model.byte_fallback' is true (a sentencepiece-style BPE); not supported")
+    vocab = model.get("vocab")
+    if not isinstance(vocab, dict) or not vocab:
+        raise Lora2ggufError(f"{tok_path}: key 'model.vocab' is missing or empty")
+    pre = identify_pre_tokenizer(tokenizer, tokenizer_config, tok_path)
+
+    by_id: dict[int, str] = {}
+    for text, idx in vocab.items():
+        if not isinstance(idx, int) or idx < 0:
+            raise Lora2ggufError(f"{tok_path}: key 'model.vocab' maps {text!r} to invalid id {idx!r}")
+        if idx in by_id:
+            raise Lora2ggufError(f"{tok_path}: key 'model.vocab' gives id {idx} to both {by_id[idx]!r} and {text!r}")
+        by_id[idx] = text
+    added: dict[int, dict[str, Any]] = {}
+    for entry in tokenizer.get("added_tokens") or []:
+        idx = entry.get("id")
+        if not isinstance(idx, int) or not isinstance(entry.get("content"), str):
+            raise Lora2ggufError(f"{tok_path}: key 'added_tokens' has a malformed entry {entry!r}")
+        added[idx] = entry
+        by_id[idx] = entry["content"]
+    top = max(by_id)
+    if top >= vocab_size:
+        raise Lora2ggufError(
+            f"{model_dir / 'config.json'}: key 'vocab_size' is {vocab_size} but {tok_path.name} has token id {top} "
+            f"({by_id[top]!r}); the embedding matrix must have a row for every token (resize the embeddings "
+            "after adding tokens)"
+        )
+
+    tokens: list[str] = []
+    types: list[int] = []
+    n_padding = 0
+    for idx in range(vocab_size):
+        text = by_id.get(idx)
+        if text is None:
+            # Embedding rows beyond the tokenizer (Qwen pads its matrix to a multiple of 128):
+            # llama.cpp needs one entry per row; these can never be produced by tokenization.
+            tokens.append(f"[PAD{idx}]")
+            types.append(gguf.TokenType.UNUSED)
+            n_padding += 1
+        elif idx in added:
+            if added[idx].get("special") or _looks_special(text):
+                types.append(gguf.TokenType.CONTROL)
+            else:
+                # User-defined tokens are matched as raw text by llama.cpp; a sentencepiece-style
+                # space marker would never match, so store it as a space.
+                text = text.replace("\u2581", " ")
+                types.append(gguf.TokenType.USER_DEFINED)
+            tokens.append(text)
+        else:
+            tokens.append(text)
+            types.append(gguf.TokenType.NORMAL)
+
+    special = gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=vocab_size)
+    if not special.merges:
+        raise Lora2ggufError(f"{tok_path}: key 'model.merges' is missing or empty; llama.cpp cannot load a BPE vocabulary without merges")
+    # State whether BOS/EOS are added explicitly. HF byte-level tokenizers (Qwen2, SmolLM2) add
+    # neither unless tokenizer_config/post_processor say so (SpecialVocab has already read those);
+    # leaving the key out would let llama.cpp apply its own default instead.
+    special.add_special_token.setdefault("bos", False)
+    special.add_special_token.setdefault("eos", False)
+    if special.chat_template is None:
+        logger.warning("%s: no chat template found (tokenizer_config.json / chat_template.jinja)", model_dir)
+
+    add_space_prefix = None
+    if spec.write_add_space_prefix and isinstance(tokenizer_config.get("add_prefix_space"), bool):
+        add_space_prefix = tokenizer_config["add_prefix_space"]
+    return VocabInfo(
+        tokens=tokens,
+        token_types=[int(t) for t in types],
+        pre=pre,
+        add_space_prefix=add_space_prefix,
+        special=special,
+        n_added=len(added),
+        n_padding=n_padding,
+    )
+
+
+def write_vocab(writer: gguf.GGUFWriter, info: VocabInfo) -> None:
+    if info.add_space_prefix is not None:
+        writer.add_add_space_prefix(info.add_space_prefix)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(info.pre)
+    writer.add_token_list(info.tokens)
+    writer.add_token_types(info.token_types)
+    info.special.add_to_gguf(writer, quiet=True)
