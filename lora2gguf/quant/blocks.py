@@ -1,0 +1,96 @@
+"""Block encoders: float32 rows -> the bytes of one ggml tensor type.
+
+The legacy 32-weight block types (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1) come from gguf-py
+(``gguf.quants.quantize``): its numpy code follows ggml's reference quantizers
+(``quantize_row_q*_ref``) operation for operation in float32 -- the same abs-max / min-max
+scale, the same ``1/d``, truncation after ``+ 8.5`` / ``+ 16.5`` / ``+ 0.5``, and for Q8_0
+rounding half away from zero like C's ``roundf`` -- and ``tests/test_quant.py`` checks that its
+blocks are byte-identical to llama.cpp's own ``ggml_quantize_chunk`` on random and real data.
+The K-quants (Q4_K, Q5_K, Q6_K), which gguf-py cannot encode, come from
+:mod:`lora2gguf.quant.kquants`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from lora2gguf.quant.recipe import BLOCK
+
+LEGACY_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
+K_TYPES = ("Q4_K", "Q5_K", "Q6_K")
+ENCODABLE = ("F32", "F16", *LEGACY_TYPES, *K_TYPES)
+
+
+def _legacy(type_name: str) -> Callable[[np.ndarray], np.ndarray]:
+    import gguf
+
+    qtype = gguf.GGMLQuantizationType[type_name]
+
+    def encode(rows: np.ndarray) -> np.ndarray:
+        return gguf.quants.quantize(rows, qtype)
+
+    return encode
+
+
+def _k_quant(type_name: str) -> Callable[[np.ndarray], np.ndarray]:
+    from lora2gguf.quant import kquants
+
+    return {"Q4_K": kquants.quantize_q4_k, "Q5_K": kquants.quantize_q5_k, "Q6_K": kquants.quantize_q6_k}[type_name]
+
+
+def _f16(rows: np.ndarray) -> np.ndarray:
+    # numpy rounds to nearest even, as ggml's fp32 -> fp16 conversion does.
+    return rows.astype(np.float16).view(np.uint8)
+
+
+def _f32(rows: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(rows, dtype=np.float32).view(np.uint8)
+
+
+def encoder(type_name: str) -> Callable[[np.ndarray], np.ndarray]:
+    """A function mapping float32 ``(rows, n_per_row)`` to uint8 ``(rows, row_bytes)``."""
+    if type_name == "F32":
+        return _f32
+    if type_name == "F16":
+        return _f16
+    if type_name in LEGACY_TYPES:
+        return _legacy(type_name)
+    if type_name in K_TYPES:
+        return _k_quant(type_name)
+    raise ValueError(f"no encoder for ggml type {type_name}; supported: {', '.join(ENCODABLE)}")
+
+
+def encode(type_name: str, rows: np.ndarray) -> np.ndarray:
+    """Encode float32 rows; the row length must be a multiple of the type's block size."""
+    rows = np.ascontiguousarray(rows, dtype=np.float32)
+    if rows.ndim != 2:
+        raise ValueError(f"expected a 2-D array of rows, got shape {rows.shape}")
+    blk, size = BLOCK[type_name]
+    if rows.shape[1] % blk:
+        raise ValueError(f"row length {rows.shape[1]} is not a multiple of the {type_name} block size {blk}")
+    out = encoder(type_name)(rows)
+    expected = (rows.shape[0], rows.shape[1] // blk * size)
+    if out.dtype != np.uint8 or out.shape != expected:
+        out = np.ascontiguousarray(out).view(np.uint8).reshape(expected)
+    return out
+
+
+def decode(type_name: str, data: np.ndarray, n_per_row: int) -> np.ndarray:
+    """Bytes (or F16/F32 values) of whole rows -> float32 ``(rows, n_per_row)``."""
+    if type_name == "F32":
+        return np.asarray(data).view(np.float32).reshape(-1, n_per_row)
+    if type_name == "F16":
+        return np.asarray(data).view(np.float16).reshape(-1, n_per_row).astype(np.float32)
+    if type_name == "BF16":
+        # bfloat16 is the top half of a float32: widening is exact.
+        raw = np.asarray(data).view(np.uint16).reshape(-1, n_per_row).astype(np.uint32) << np.uint32(16)
+        return raw.view(np.float32)
+    import gguf
+
+    qtype = gguf.GGMLQuantizationType[type_name]
+    raw = np.asarray(data).view(np.uint8)
+    blk, size = BLOCK.get(type_name, gguf.GGML_QUANT_SIZES[qtype])
+    raw = raw.reshape(-1, n_per_row // blk * size)
+    return gguf.quants.dequantize(raw, qtype).reshape(-1, n_per_row).astype(np.float32, copy=False)

@@ -1,0 +1,53 @@
+"""``lora2gguf quantize``: quantize a GGUF file like llama-quantize, in Python (no torch)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+HELP = "quantize a GGUF (F16/F32/BF16) file to Q8_0, Q4_0..Q5_1, Q4_K_S/M, Q5_K_S/M or Q6_K like llama-quantize"
+
+logger = logging.getLogger(__name__)
+
+_SUPPORTED = "Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K_S, Q4_K_M, Q5_K_S, Q5_K_M, Q6_K"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("input", metavar="IN.gguf", help="GGUF file to quantize (normally F16)")
+    parser.add_argument("output", metavar="OUT.gguf", help="quantized GGUF to write (atomically)")
+    parser.add_argument("type", metavar="TYPE", help=f"file type: {_SUPPORTED} (case-insensitive)")
+    parser.add_argument("--threads", type=int, default=None, help="worker threads (default: all CPU cores)")
+    parser.add_argument(
+        "--allow-requantize", action="store_true", help="accept an input that is already quantized (worse quality)"
+    )
+    parser.add_argument(
+        "--output-tensor-type", metavar="T", default=None, help="type of output.weight (e.g. Q8_0, F16)"
+    )
+    parser.add_argument(
+        "--token-embedding-type", metavar="T", default=None, help="type of token_embd.weight (e.g. Q8_0, F16)"
+    )
+    parser.add_argument(
+        "--pure", action="store_true", help="no per-tensor mixture: every weight matrix gets the default type"
+    )
+    parser.add_argument(
+        "--sidecar", metavar="PATH", default=None, help="report JSON to write (default: OUT with .json suffix)"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from lora2gguf.errors import Lora2ggufError
+    from lora2gguf.quant.quantize import QuantizeOptions, quantize_gguf
+    from lora2gguf.quant.types import canonical_type
+
+    if args.threads is not None and args.threads < 1:
+        raise Lora2ggufError(f"--threads must be at least 1, got {args.threads}")
+    options = QuantizeOptions(
+        file_type=canonical_type(args.type),
+        threads=args.threads,
+        allow_requantize=args.allow_requantize,
+        output_tensor_type=args.output_tensor_type,
+        token_embedding_type=args.token_embedding_type,
+        pure=args.pure,
+    )
+    quantize_gguf(args.input, args.output, options, sidecar=args.sidecar)
+    return 0

@@ -1,0 +1,361 @@
+"""GGUF in -> per-tensor quantization -> GGUF out, streaming, with a sidecar report.
+
+The input is memory-mapped (gguf.GGUFReader). The output is written with gguf-py's GGUFWriter
+in one pass: header, metadata and every tensor's info first (all sizes are known from the
+plan), then each tensor's data, quantized in chunks of whole rows by a thread pool and
+written in order as the chunks finish. Memory therefore stays around a few chunks per thread
+plus the input pages of the current tensor (released with MADV_DONTNEED after each tensor).
+
+Tensor order, metadata order, alignment and padding follow what ``llama_model_quantize``
+writes, so for the same input our file has the same size and layout as llama.cpp's.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import logging
+import mmap
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+
+from lora2gguf.artifacts import atomic_file, sha256_file, write_json
+from lora2gguf.errors import Lora2ggufError
+from lora2gguf.provenance import PeakMemory, Timer, device_info, package_versions
+from lora2gguf.quant import blocks
+from lora2gguf.quant.gguf_io import RawKVWriter, copy_metadata, open_gguf, read_metadata
+from lora2gguf.quant.recipe import (
+    INTEGER_TYPES,
+    ModelInfo,
+    Plan,
+    TensorChoice,
+    TensorSpec,
+    is_quantized,
+    plan_types,
+    tensor_bytes,
+)
+from lora2gguf.quant.types import canonical_type
+
+logger = logging.getLogger(__name__)
+
+# ggml's GGML_QNT_VERSION, written as general.quantization_version.
+QUANTIZATION_VERSION = 2
+# Weights per work item: big enough that numpy's per-call overhead is small, small enough
+# that a chunk's float32 copy and temporaries stay in the L2/L3 cache region.
+CHUNK_WEIGHTS = 1 << 17
+
+
+@dataclass(frozen=True)
+class QuantizeOptions:
+    file_type: str
+    threads: int | None = None
+    allow_requantize: bool = False
+    output_tensor_type: str | None = None
+    token_embedding_type: str | None = None
+    pure: bool = False
+
+
+def default_sidecar(out_path: str | os.PathLike[str]) -> Path:
+    return Path(out_path).with_suffix(".json")
+
+
+def _specs(reader: gguf.GGUFReader) -> list[TensorSpec]:
+    return [TensorSpec(t.name, tuple(int(n) for n in t.shape), t.tensor_type.name) for t in reader.tensors]
+
+
+def _check_requantize(path: Path, reader: gguf.GGUFReader, plan: Plan, allow: bool) -> None:
+    quantized = [c for c in plan.choices if is_quantized(c.src_type)]
+    if not quantized:
+        return
+    types = sorted({c.src_type for c in quantized})
+    if not allow:
+        raise Lora2ggufError(
+            f"{path}: already quantized ({len(quantized)} tensors of type {', '.join(types)}, e.g. "
+            f"{quantized[0].name}); quantize the F16/F32 file instead, or pass --allow-requantize "
+            "(quality drops: errors of both quantizations add up)"
+        )
+    unreadable = [t for t in types if t not in blocks.ENCODABLE and t not in ("BF16",)]
+    for t in unreadable:
+        try:
+            gguf.quants.dequantize(np.zeros(gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[t]][1], np.uint8), gguf.GGMLQuantizationType[t])
+        except NotImplementedError:
+            raise Lora2ggufError(f"{path}: cannot requantize tensors of type {t}: gguf-py has no decoder for it") from None
+    logger.warning("%s: requantizing %d already-quantized tensors (%s)", path, len(quantized), ", ".join(types))
+
+
+def _madvise_dontneed(reader: gguf.GGUFReader, offset: int, length: int) -> None:
+    """Drop the input pages of a finished tensor from our resident set (they stay in the page
+    cache); without this RSS grows to the whole input file on big models."""
+    mm = getattr(reader.data, "_mmap", None)
+    if mm is None or not hasattr(mm, "madvise") or length <= 0:
+        return
+    page = mmap.PAGESIZE
+    start = offset // page * page
+    end = offset + length
+    try:
+        mm.madvise(mmap.MADV_DONTNEED, start, end - start)
+    except (OSError, ValueError):
+        pass
+
+
+def _row_chunks(n_rows: int, n_per_row: int) -> list[tuple[int, int]]:
+    step = max(1, CHUNK_WEIGHTS // max(1, n_per_row))
+    return [(r, min(n_rows, r + step)) for r in range(0, n_rows, step)]
+
+
+def _convert_chunk(name: str, src_type: str, dst_type: str, data: np.ndarray, n_per_row: int) -> np.ndarray:
+    values = blocks.decode(src_type, data, n_per_row)
+    if not np.isfinite(values).all():
+        bad = int(np.argwhere(~np.isfinite(values))[0][0])
+        raise Lora2ggufError(f"tensor {name}: non-finite value (NaN or Inf) in row {bad} of this chunk")
+    return blocks.encode(dst_type, values)
+
+
+def _write_tensor(
+    fout: Any,
+    reader_tensor: Any,
+    choice: TensorChoice,
+    pool: concurrent.futures.Executor | None,
+    window: int,
+) -> int:
+    """Write one tensor's data (no padding); returns bytes written."""
+    n_per_row = choice.shape[0]
+    raw = reader_tensor.data
+    if not choice.converts:
+        view = np.asarray(raw).reshape(-1).view(np.uint8)
+        step = 1 << 26
+        for start in range(0, view.nbytes, step):
+            fout.write(memoryview(view[start : start + step]))
+        return int(view.nbytes)
+
+    # Rows of the source in its own encoding: (n_rows, bytes or values per row).
+    n_rows = int(np.prod(choice.shape[1:])) if len(choice.shape) > 1 else 1
+    src_rows = np.asarray(raw).reshape(n_rows, -1)
+    written = 0
+    chunks = _row_chunks(n_rows, n_per_row)
+
+    def work(bounds: tuple[int, int]) -> np.ndarray:
+        return _convert_chunk(choice.name, choice.src_type, choice.dst_type, src_rows[bounds[0] : bounds[1]], n_per_row)
+
+    if pool is None or len(chunks) == 1:
+        for bounds in chunks:
+            out = work(bounds)
+            fout.write(memoryview(out).cast("B"))
+            written += out.nbytes
+        return written
+
+    pending: collections.deque[concurrent.futures.Future[np.ndarray]] = collections.deque()
+    it = iter(chunks)
+    for bounds in it:
+        pending.append(pool.submit(work, bounds))
+        if len(pending) >= window:
+            break
+    try:
+        while pending:
+            out = pending.popleft().result()
+            nxt = next(it, None)
+            if nxt is not None:
+                pending.append(pool.submit(work, nxt))
+            fout.write(memoryview(out).cast("B"))
+            written += out.nbytes
+    finally:
+        for fut in pending:
+            fut.cancel()
+    return written
+
+
+def _summary_lines(report: dict[str, Any]) -> list[str]:
+    counts = ", ".join(f"{t} x{n}" for t, n in report["counts"].items())
+    fb = report["fallbacks"]
+    lines = [
+        f"{report['type']}: {report['n_tensors']} tensors: {counts}",
+        f"size {report['size']['input_tensor_mib']:.2f} MiB ({report['size']['input_bits_per_weight']:.2f} BPW) -> "
+        f"{report['size']['output_tensor_mib']:.2f} MiB ({report['bits_per_weight']:.2f} BPW), file {report['size']['output_file_bytes']} bytes",
+        f"{fb['count']} of {report['n_tensors']} tensors required fallback quantization"
+        + (f" ({'; '.join(f'{k}: {v}' for k, v in fb['by_change'].items())})" if fb["count"] else ""),
+        f"time {report['time_s']:.2f} s with {report['threads']} threads, peak RSS {report['memory']['peak_rss_mb']:.0f} MB",
+    ]
+    return lines
+
+
+def quantize_gguf(
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    options: QuantizeOptions,
+    sidecar: str | os.PathLike[str] | None = None,
+) -> dict[str, Any]:
+    """Quantize ``src`` into ``dst`` (atomically) and write the sidecar report; returns it."""
+    src, dst = Path(src), Path(dst)
+    file_type = canonical_type(options.file_type)
+    if src.resolve() == dst.resolve():
+        raise Lora2ggufError(f"{dst}: output would overwrite the input")
+    sidecar_path = Path(sidecar) if sidecar else default_sidecar(dst)
+    threads = max(1, options.threads or os.cpu_count() or 1)
+
+    reader = open_gguf(src)
+    meta = read_metadata(reader)
+    model = ModelInfo.from_metadata(meta, str(src))
+    plan = plan_types(
+        _specs(reader),
+        model,
+        file_type,
+        output_tensor_type=options.output_tensor_type,
+        token_embedding_type=options.token_embedding_type,
+        pure=options.pure,
+    )
+    _check_requantize(src, reader, plan, options.allow_requantize)
+    for c in plan.choices:
+        if c.converts and c.dst_type not in blocks.ENCODABLE:
+            raise Lora2ggufError(f"tensor {c.name}: cannot write type {c.dst_type}")
+        if c.converts and c.src_type in INTEGER_TYPES:
+            raise Lora2ggufError(f"{src}: tensor {c.name} of type {c.src_type} cannot be converted to {c.dst_type}")
+    by_name = {t.name: t for t in reader.tensors}
+    logger.info(
+        "%s -> %s: %s, %d tensors, %s, %d threads", src, dst, file_type, len(plan.choices), model.arch, threads
+    )
+
+    sizes_out = {c.name: tensor_bytes(c.dst_type, c.shape) for c in plan.choices}
+    with atomic_file(dst) as temp:
+        with PeakMemory() as mem, Timer() as timer:
+            _write_file(reader, temp, plan, model, threads, sizes_out)
+        n_elements = sum(int(np.prod(c.shape)) for c in plan.choices)
+        bytes_in = sum(int(by_name[c.name].n_bytes) for c in plan.choices)
+        bytes_out = sum(sizes_out.values())
+        report = _report(src, dst, plan, model, options, threads, n_elements, bytes_in, bytes_out, temp.stat().st_size)
+        report["time_s"] = round(timer.seconds, 3)
+        report["memory"] = mem.as_dict()
+        with Timer() as hashing:
+            report["input"]["sha256"] = sha256_file(src)
+            report["output"]["sha256"] = sha256_file(temp)
+        report["hash_time_s"] = round(hashing.seconds, 3)
+        for line in _summary_lines(report):
+            logger.info("%s", line)
+        # The sidecar is written before the GGUF is renamed into place, so a failure here
+        # leaves neither behind.
+        write_json(sidecar_path, report)
+    return report
+
+
+def _write_file(
+    reader: gguf.GGUFReader, path: Path, plan: Plan, model: ModelInfo, threads: int, sizes_out: dict[str, int]
+) -> None:
+    from tqdm import tqdm
+
+    by_name = {t.name: t for t in reader.tensors}
+    writer = RawKVWriter(path, model.arch)
+    copy_metadata(
+        reader,
+        writer,
+        overrides={
+            "general.quantization_version": (QUANTIZATION_VERSION, gguf.GGUFValueType.UINT32),
+            "general.file_type": (plan.llama_ftype, gguf.GGUFValueType.UINT32),
+        },
+    )
+    for c in plan.choices:
+        # The element shape in numpy order (outermost first); a non-uint8 dtype keeps gguf-py
+        # from reinterpreting it as a byte shape.
+        writer.add_tensor_info(
+            c.name,
+            tuple(reversed(c.shape)),
+            np.dtype(np.float32),
+            sizes_out[c.name],
+            raw_dtype=gguf.GGMLQuantizationType[c.dst_type],
+        )
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    assert writer.fout is not None
+    fout = writer.fout[0]
+    writer.write_padding(fout, fout.tell())
+    pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="quant") if threads > 1 else None
+    try:
+        bar = tqdm(plan.choices, desc=f"quantize {plan.file_type}", unit="tensor", mininterval=1.0, leave=False)
+        for c in bar:
+            rt = by_name[c.name]
+            n = _write_tensor(fout, rt, c, pool, window=2 * threads)
+            if n != sizes_out[c.name]:
+                raise AssertionError(f"tensor {c.name}: wrote {n} bytes, planned {sizes_out[c.name]}")
+            writer.write_padding(fout, n)
+            _madvise_dontneed(reader, int(rt.data_offset), int(rt.n_bytes))
+            logger.debug("%-36s %-16s %5s -> %-5s %s", c.name, c.shape, c.src_type, c.dst_type, c.rule)
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+        writer.close()
+
+
+def _report(
+    src: Path,
+    dst: Path,
+    plan: Plan,
+    model: ModelInfo,
+    options: QuantizeOptions,
+    threads: int,
+    n_elements: int,
+    bytes_in: int,
+    bytes_out: int,
+    file_bytes: int,
+) -> dict[str, Any]:
+    fallbacks = plan.fallbacks
+    by_change: dict[str, int] = {}
+    for c in fallbacks:
+        assert c.fallback is not None
+        key = f"{c.fallback['wanted']}->{c.fallback['used']}"
+        by_change[key] = by_change.get(key, 0) + 1
+    mib = 1024 * 1024
+    return {
+        "type": plan.file_type,
+        "general.file_type": plan.llama_ftype,
+        "general.quantization_version": QUANTIZATION_VERSION,
+        "default_tensor_type": plan.default_type,
+        "input": {"path": str(src), "size_bytes": src.stat().st_size, "sha256": None},
+        "output": {"path": str(dst), "size_bytes": file_bytes, "sha256": None},
+        "model": {"arch": model.arch, "n_layer": model.n_layer, "n_expert": model.n_expert,
+                  "tied_embeddings": plan.tied_embeddings},
+        "options": {
+            "threads": options.threads,
+            "allow_requantize": options.allow_requantize,
+            "output_tensor_type": options.output_tensor_type,
+            "token_embedding_type": options.token_embedding_type,
+            "pure": options.pure,
+        },
+        "threads": threads,
+        "n_tensors": len(plan.choices),
+        "n_converted": sum(1 for c in plan.choices if c.converts),
+        "counts": plan.counts(),
+        "fallbacks": {
+            "count": len(fallbacks),
+            "by_change": by_change,
+            "tensors": [{"name": c.name, **(c.fallback or {})} for c in fallbacks],
+        },
+        "n_elements": n_elements,
+        # llama.cpp's BPW: all tensor bytes (not the header) * 8 / all weights.
+        "bits_per_weight": round(bytes_out * 8 / n_elements, 4) if n_elements else None,
+        "size": {
+            "input_tensor_bytes": bytes_in,
+            "input_tensor_mib": round(bytes_in / mib, 3),
+            "input_bits_per_weight": round(bytes_in * 8 / n_elements, 4) if n_elements else None,
+            "output_tensor_bytes": bytes_out,
+            "output_tensor_mib": round(bytes_out / mib, 3),
+            "output_file_bytes": file_bytes,
+        },
+        "tensors": [
+            {
+                "name": c.name,
+                "shape": c.shape,
+                "src_type": c.src_type,
+                "type": c.dst_type,
+                "bytes": tensor_bytes(c.dst_type, c.shape),
+                "rule": c.rule,
+                "fallback": c.fallback,
+            }
+            for c in plan.choices
+        ],
+        "versions": package_versions(),
+        "device": device_info(),
+    }

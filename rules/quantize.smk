@@ -1,0 +1,21 @@
+# Quantization of the F16 GGUF with lora2gguf's own quantizer (llama.cpp's recipes and block
+# formats, in numpy; no llama-quantize binary). One job per configured type; the {q} tag maps back
+# to the type with quant_type() from rules/common.smk (Q4_K_M <-> q4_km).
+rule quantize_gguf:
+    input:
+        gguf="models/{model}-merged-gguf/model.gguf",
+    output:
+        gguf="models/{model}-merged-gguf/model-{q}.gguf",
+        sidecar="models/{model}-merged-gguf/model-{q}.json",
+    log:
+        "logs/quantize_gguf/{model}-{q}.log",
+    benchmark:
+        "benchmarks/quantize_gguf/{model}-{q}.tsv"
+    conda:
+        "../envs/gguf.yaml"
+    threads: config["quantize"]["threads"]
+    params:
+        type=quant_type,
+    shell:
+        "lora2gguf quantize {input.gguf} {output.gguf} {params.type}"
+        " --threads {threads} --sidecar {output.sidecar} > {log} 2>&1"
