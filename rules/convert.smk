@@ -1,0 +1,19 @@
+# Conversion of the merged HF folder to GGUF with lora2gguf's own converter (gguf-py, no torch).
+# The log ends with the tensor count, file size, time and peak memory of the conversion.
+rule convert_gguf:
+    input:
+        model="models/{model}-merged",
+    output:
+        gguf="models/{model}-merged-gguf/model.gguf",
+    log:
+        "logs/convert_gguf/{model}.log",
+    benchmark:
+        "benchmarks/convert_gguf/{model}.tsv"
+    params:
+        outtype=config["convert"]["outtype"],
+        base=lambda wildcards: Path(candidate_base(wildcards)).name,
+        adapter=lambda wildcards: wildcards.model,
+    shell:
+        "lora2gguf convert {input.model:q} {output.gguf:q} --outtype {params.outtype}"
+        " --base-model {params.base:q} --adapter {params.adapter:q} --name {wildcards.model}"
+        " > {log} 2>&1"
