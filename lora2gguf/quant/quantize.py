@@ -170,7 +170,7 @@ def _write_tensor(
 
 
 def _summary_lines(report: dict[str, Any]) -> list[str]:
-    counts = ", ".join(f"{t} x{n}" for t, n in report["counts"].items())
+    counts = ", ".join(f"{t} x{n}" for t, n in report["tensor_types"].items())
     fb = report["fallbacks"]
     lines = [
         f"{report['type']}: {report['n_tensors']} tensors: {counts}",
@@ -327,7 +327,9 @@ def _report(
         "threads": threads,
         "n_tensors": len(plan.choices),
         "n_converted": sum(1 for c in plan.choices if c.converts),
-        "counts": plan.counts(),
+        # tensors per type (the name the comparison step reads)
+        "tensor_types": plan.counts(),
+        "fallback_count": len(fallbacks),
         "fallbacks": {
             "count": len(fallbacks),
             "by_change": by_change,
