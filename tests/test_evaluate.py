@@ -141,3 +141,263 @@ def test_evaluation_settings_need_an_existing_text(tmp_path: Path) -> None:
     text.write_text("hello", encoding="utf-8")
     ev = settings.resolve_evaluation(None, str(text), 64, 32)
     assert (ev.max_tokens, ev.context) == (64, 32)
+
+
+# ----------------------------------------------------------------------------------------------
+# reports on the tiny model (PyTorch + real llama.cpp)
+# ----------------------------------------------------------------------------------------------
+PROMPTS = json.dumps(
+    [
+        {"id": "exam-anxiety", "text": "我下周就要期末考试了，每天晚上都紧张得睡不着，该怎么办？"},
+        {"id": "english", "text": "I feel lonely at university. What can I do?"},
+    ],
+    ensure_ascii=False,
+)
+GENERATION = json.dumps({"max_new_tokens": 8, "do_sample": False, "seed": 1})
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*LORA2GGUF, *args], capture_output=True, text=True, cwd=ROOT, check=False, timeout=900)
+
+
+def _convert(model_dir: Path, out: Path) -> Path:
+    result = _cli("convert", "--model", str(model_dir), "--out", str(out), "--outtype", "f16")
+    if "invalid choice: 'convert'" in result.stderr:
+        pytest.skip("lora2gguf convert is not available yet")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def _llama_quantize(src: Path, dst: Path, ftype_name: str) -> Path:
+    """Quantize with llama.cpp itself, so these tests depend only on the evaluator and llama.cpp."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype_name}")
+    params.nthread = 2
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
+    assert rc == 0 and dst.is_file()
+    return dst
+
+
+@pytest.fixture(scope="module")
+def gguf_files(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path) -> dict[str, Path]:
+    pytest.importorskip("llama_cpp")
+    folder = tmp_path_factory.mktemp("gguf")
+    f16 = _convert(tiny_base, folder / "model.gguf")
+    files = {"F16": f16}
+    for name, tag in (("Q8_0", "q8_0"), ("Q4_0", "q4_0")):
+        files[name] = _llama_quantize(f16, folder / f"model-{tag}.gguf", name)
+    return files
+
+
+@pytest.fixture(scope="module")
+def eval_text(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from lora2gguf.demo.dataset import render_text
+
+    path = tmp_path_factory.mktemp("text") / "eval.txt"
+    path.write_text(render_text("eval"), encoding="utf-8")
+    return path
+
+
+def _assert_finite(obj: Any, where: str = "report") -> None:
+    """Every number finite; a null only where a sibling *_reason / reason explains it."""
+    if where.endswith(".versions"):
+        return  # an absent optional package is reported as null: that is the fact
+    if isinstance(obj, float):
+        assert math.isfinite(obj), where
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            if value is None:
+                explained = any(k.endswith("reason") and obj.get(k) for k in obj) or key in {
+                    "cuda_peak_allocated_mb", "sidecar", "sidecar_missing_reason", "gpu", "cuda", "general_file_type",
+                }
+                assert explained, f"{where}.{key} is null without a reason"
+            _assert_finite(value, f"{where}.{key}")
+    elif isinstance(obj, list):
+        for index, value in enumerate(obj):
+            _assert_finite(value, f"{where}[{index}]")
+
+
+@pytest.fixture(scope="module")
+def test_report(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path) -> dict[str, Any]:
+    out = tmp_path_factory.mktemp("test") / "merged_model_test.json"
+    result = _cli(
+        "test", "--model", str(tiny_base), "--prompts", PROMPTS, "--generation", GENERATION,
+        "--device", "cpu", "--threads", "2", "--out", str(out),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(out.read_text(encoding="utf-8"))
+
+
+def test_inference_report_fields_present_finite_consistent(test_report: dict[str, Any], tiny_base: Path) -> None:
+    r = test_report
+    _assert_finite(r)
+    assert r["schema"] == "lora2gguf/merged_model_test/1"
+    assert r["device"] == "cpu" and r["dtype"] == "float32"
+    assert r["versions"]["torch"] and r["versions"]["transformers"]
+    from lora2gguf.artifacts import sha256_tree
+
+    assert r["model"]["sha256"] == sha256_tree(tiny_base)
+    assert r["model"]["parameters"] > 0
+    assert r["settings"]["chat_template_applied"] is True
+    assert r["settings"]["generation"]["max_new_tokens"] == 8
+    assert [c["id"] for c in r["cases"]] == ["exam-anxiety", "english"]
+    for case in r["cases"]:
+        assert set(case) >= {
+            "id", "prompt", "response", "prompt_tokens", "generated_tokens", "stopped_by",
+            "time_to_first_token_s", "latency_s", "tokens_per_s",
+        }
+        assert isinstance(case["response"], str)
+        assert case["prompt_tokens"] > 0
+        assert 1 <= case["generated_tokens"] <= 8
+        assert case["stopped_by"] in ("eos", "max_new_tokens")
+        assert (case["stopped_by"] == "max_new_tokens") == (case["generated_tokens"] == 8) or case["stopped_by"] == "eos"
+        assert 0 < case["time_to_first_token_s"] <= case["latency_s"]
+        assert case["tokens_per_s"] == pytest.approx(case["generated_tokens"] / case["latency_s"])
+    s = r["summary"]
+    assert s["cases"] == 2
+    assert s["mean_latency_s"] == pytest.approx(sum(c["latency_s"] for c in r["cases"]) / 2)
+    assert s["mean_tokens_per_s"] == pytest.approx(sum(c["tokens_per_s"] for c in r["cases"]) / 2)
+    assert s["generated_tokens"] == sum(c["generated_tokens"] for c in r["cases"])
+    assert s["load_seconds"] > 0 and s["peak_memory_mb"] > 0
+    assert s["peak_memory_kind"] == "process_rss"
+
+
+def test_inference_is_deterministic_under_greedy(test_report: dict[str, Any], tiny_base: Path, tmp_path: Path) -> None:
+    out = tmp_path / "again.json"
+    result = _cli(
+        "test", "--model", str(tiny_base), "--prompts", PROMPTS, "--generation", GENERATION,
+        "--device", "cpu", "--batch", "on", "--out", str(out),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    again = json.loads(out.read_text(encoding="utf-8"))
+    assert again["settings"]["batched"] is True
+    # Greedy replies do not depend on batching (left padding is masked out).
+    assert [c["response"] for c in again["cases"]] == [c["response"] for c in test_report["cases"]]
+
+
+def test_inference_refuses_missing_model_without_writing(tmp_path: Path) -> None:
+    out = tmp_path / "r.json"
+    result = _cli("test", "--model", str(tmp_path / "nope"), "--prompts", PROMPTS, "--out", str(out))
+    assert result.returncode == 2
+    assert "nope" in result.stderr and "not found" in result.stderr
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+@pytest.fixture(scope="module")
+def compare_report(
+    tmp_path_factory: pytest.TempPathFactory, tiny_base: Path, gguf_files: dict[str, Path], eval_text: Path
+) -> dict[str, Any]:
+    out = tmp_path_factory.mktemp("compare") / "compare_models.json"
+    # A quantizer sidecar next to one file is carried into the report.
+    sidecar = gguf_files["Q8_0"].with_suffix(".json")
+    sidecar.write_text(json.dumps({"type": "Q8_0", "fallbacks": [], "bits_per_weight": 8.5}), encoding="utf-8")
+    gguf_args = [a for name in ("F16", "Q8_0", "Q4_0") for a in ("--gguf", str(gguf_files[name]))]
+    result = _cli(
+        "compare", "--reference", str(tiny_base), *gguf_args, "--eval-text", str(eval_text),
+        "--max-tokens", "96", "--context", "64", "--prompts", PROMPTS, "--generation", GENERATION,
+        "--threads", "2", "--out", str(out),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(out.read_text(encoding="utf-8"))
+
+
+def test_comparison_report_fields_present_finite_consistent(
+    compare_report: dict[str, Any], gguf_files: dict[str, Path], eval_text: Path
+) -> None:
+    from lora2gguf.artifacts import sha256_file
+
+    r = compare_report
+    _assert_finite(r)
+    assert r["schema"] == "lora2gguf/compare_models/1"
+    assert r["versions"]["llama_cpp_python"]
+    ref = r["reference"]
+    assert ref["dtype"] == "float32" and ref["perplexity"] > 1
+    st = r["settings"]
+    assert st["eval_text_sha256"] == sha256_file(eval_text)
+    assert st["tokens_scored"] == 96 and st["windows"] == 2 and st["positions_scored"] == 94
+    assert st["threads"] == 2 and st["max_new_tokens"] == 8
+    assert [m["label"] for m in r["models"]] == ["F16", "Q8_0", "Q4_0"]
+    for m, name in zip(r["models"], ("F16", "Q8_0", "Q4_0")):
+        path = gguf_files[name]
+        assert m["sha256"] == sha256_file(path)
+        assert m["size_bytes"] == path.stat().st_size
+        assert m["perplexity_ratio"] == pytest.approx(m["perplexity"] / ref["perplexity"], rel=1e-12)
+        kl = m["kl_divergence"]
+        assert 0 <= kl["median"] <= kl["p99"] <= kl["max"] and 0 <= kl["mean"] <= kl["max"]
+        assert 0 <= m["top1_agreement"] <= 1
+        assert m["positions_scored"] == 94
+        assert m["n_params"] == m["llama_cpp"]["llama_n_params"]
+        # bits per weight from the header agree with llama.cpp's own size / parameter count.
+        assert m["bits_per_weight"] == pytest.approx(8 * m["llama_cpp"]["llama_model_size_bytes"] / m["n_params"], rel=1e-6)
+        assert sum(m["tensor_types"].values()) > 0
+        g = m["generation"]
+        assert len(g["cases"]) == 2
+        assert g["identical_token_fraction"] == pytest.approx(sum(c["identical_fraction"] for c in g["cases"]) / 2)
+        assert g["text_similarity"] == pytest.approx(sum(c["text_similarity"] for c in g["cases"]) / 2)
+        for c in g["cases"]:
+            assert 0 <= c["identical_fraction"] <= 1 and 0 <= c["text_similarity"] <= 1
+            assert c["prefix_tokens"] <= c["identical_tokens"] <= min(c["reference_tokens"], c["candidate_tokens"])
+        sp = m["speed"]
+        assert sp["threads"] == 2
+        assert sp["prompt_tokens"] == st["speed_prompt_tokens"] == 64
+        assert sp["prompt_tokens_per_s"] > 0 and sp["generation_tokens_per_s"] > 0
+        assert sp["generated_tokens"] > 0
+    by = {m["label"]: m for m in r["models"]}
+    assert by["F16"]["tensor_types"].get("F16", 0) > 0
+    assert by["Q8_0"]["tensor_types"].get("Q8_0", 0) > 0
+    assert by["Q8_0"]["sidecar"]["fallbacks"] == [] and by["Q8_0"]["sidecar"]["sha256"]
+    assert by["F16"]["sidecar"] is None and by["F16"]["sidecar_missing_reason"]
+
+
+def test_comparison_quality_order_on_tiny_model(compare_report: dict[str, Any]) -> None:
+    """F16 tracks fp32 almost exactly; coarser quantization moves further away."""
+    by = {m["label"]: m for m in compare_report["models"]}
+    assert by["F16"]["kl_divergence"]["mean"] < 1e-4
+    assert by["F16"]["top1_agreement"] > 0.98
+    assert by["F16"]["kl_divergence"]["mean"] < by["Q8_0"]["kl_divergence"]["mean"] < by["Q4_0"]["kl_divergence"]["mean"]
+    assert by["F16"]["size_bytes"] > by["Q8_0"]["size_bytes"] > by["Q4_0"]["size_bytes"]
+
+
+def test_comparison_detects_a_different_model(
+    tmp_path: Path, tiny_base: Path, eval_text: Path
+) -> None:
+    """A GGUF of another model (other random seed) must show up as far off: the metric can fail."""
+    from lora2gguf.demo.tiny import build_tiny_qwen2
+
+    other = build_tiny_qwen2(tmp_path / "other", seed=7)
+    gguf = _convert(other, tmp_path / "other.gguf")
+    out = tmp_path / "c.json"
+    result = _cli(
+        "compare", "--reference", str(tiny_base), "--gguf", str(gguf), "--eval-text", str(eval_text),
+        "--max-tokens", "48", "--context", "48", "--prompts", PROMPTS, "--max-new-tokens", "4",
+        "--threads", "2", "--out", str(out),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    m = json.loads(out.read_text(encoding="utf-8"))["models"][0]
+    assert m["kl_divergence"]["mean"] > 0.01
+    assert m["top1_agreement"] < 0.9
+
+
+def test_comparison_refuses_missing_gguf(tmp_path: Path, tiny_base: Path, eval_text: Path) -> None:
+    out = tmp_path / "c.json"
+    result = _cli(
+        "compare", "--reference", str(tiny_base), "--gguf", str(tmp_path / "none.gguf"),
+        "--eval-text", str(eval_text), "--prompts", PROMPTS, "--out", str(out),
+    )
+    assert result.returncode == 2 and "none.gguf" in result.stderr
+    assert not out.exists()
+
+
+def test_comparison_plots(compare_report: dict[str, Any], tmp_path: Path) -> None:
+    report = tmp_path / "compare_models.json"
+    report.write_text(json.dumps(compare_report, ensure_ascii=False), encoding="utf-8")
+    result = _cli("plot", "comparison", "--compare", str(report), "--model", "tiny", "--out-dir", str(tmp_path / "plots"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    for kind in ("size-vs-kl", "size-vs-perplexity", "speed"):
+        png = tmp_path / "plots" / f"tiny-{kind}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"models": [{"label": "F16"}]}', encoding="utf-8")
+    result = _cli("plot", "comparison", "--compare", str(broken), "--out-dir", str(tmp_path / "p2"))
+    assert result.returncode == 2 and "broken.json" in result.stderr
