@@ -95,6 +95,8 @@ AccountingStorageType=accounting_storage/none
 JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
 MinJobAge=$MIN_JOB_AGE_S
+# Jobs without --mem get 1 GB per CPU rather than the whole node (the default), so they can share it.
+DefMemPerCPU=1000
 ReturnToService=2
 SlurmctldPidFile=$STATE_DIR/run/slurmctld.pid
 SlurmdPidFile=$STATE_DIR/run/slurmd.pid

@@ -1,0 +1,268 @@
+"""The workflow on a real (single-node) SLURM cluster through the user-facing profile.
+
+tests/slurm/cluster.sh starts slurmctld + slurmd on this machine with partitions `cpu` and `gpu` (two fake
+GPUs as generic resources). The tiny config then runs through
+
+    snakemake --profile profiles/slurm --profile tests/slurm/profile
+
+(the second profile only swaps the site placeholders for the test cluster and polls with squeue; the GPU and
+memory requests are profiles/slurm's own). Checked: every non-local job was a SLURM job that completed on the
+partition its rule asks for, the GPU rules with a GPU allocated; the local rules were not submitted; the
+artifacts are byte-identical to a local run's; a failing job fails the run with a non-zero exit, no hang.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from conftest import tiny_config, write_config
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+CLUSTER_SH = ROOT / "tests/slurm/cluster.sh"
+PROFILES = [ROOT / "profiles/slurm", ROOT / "tests/slurm/profile"]
+
+# Rules the profile sends to the gpu partition with one GPU; every other submitted rule goes to `cpu`.
+GPU_RULES = {"merge_adapter", "test_merged_model", "compare_models"}
+# Rules the Snakefile declares local: they must never become SLURM jobs.
+LOCAL_RULES = {"all", "rank_candidates", "plot_candidates", "plot_comparison"}
+# A Snakemake waiting on SLURM ignores SIGTERM: every run is bounded by `timeout -k`.
+RUN_TIMEOUT_S = 1200
+
+pytestmark = [pytest.mark.slow, pytest.mark.slurm]
+
+
+def _skip_reason() -> str | None:
+    """Why this machine cannot start the test cluster, or None when it can."""
+    if not sys.platform.startswith("linux"):
+        return "SLURM test cluster needs Linux"
+    if os.geteuid() != 0:
+        return "starting slurmctld/slurmd and writing /etc/slurm needs root"
+    have_slurm = all(shutil.which(b) or Path("/usr/sbin", b).exists() for b in ("slurmctld", "slurmd", "munged"))
+    if not have_slurm and not shutil.which("apt-get"):
+        return "SLURM is not installed and apt-get is not available to install it"
+    if shutil.which("timeout") is None:
+        return "coreutils `timeout` is needed to bound Snakemake runs"
+    return None
+
+
+@pytest.fixture(scope="module")
+def cluster() -> None:
+    reason = _skip_reason()
+    if reason:
+        pytest.skip(reason)
+    already_up = subprocess.run([str(CLUSTER_SH), "status"], capture_output=True, check=False).returncode == 0
+    started = time.monotonic()
+    up = subprocess.run([str(CLUSTER_SH), "up"], capture_output=True, text=True, timeout=600, check=False)
+    # A machine that passed _skip_reason must be able to run the cluster: a failure here is a real failure.
+    assert up.returncode == 0, f"cluster.sh up failed:\n{up.stdout}\n{up.stderr}"
+    print(f"cluster up in {time.monotonic() - started:.1f}s", file=sys.stderr)
+    yield
+    if not already_up:
+        subprocess.run([str(CLUSTER_SH), "down"], capture_output=True, timeout=120, check=False)
+
+
+@dataclass
+class Run:
+    workdir: Path
+    returncode: int
+    output: str
+    seconds: float
+
+
+def run_workflow(workdir: Path, *args: str, slurm: bool, timeout: int = RUN_TIMEOUT_S) -> Run:
+    """Run the project's Snakefile in workdir, through the SLURM profiles or locally."""
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    # The plugin warns and cleans up when it finds itself inside a SLURM job; never inherit one.
+    for key in [k for k in env if k.startswith("SLURM_")]:
+        del env[key]
+    cmd = [str(BIN / "snakemake"), "-s", str(ROOT / "Snakefile"), "-d", str(workdir)]
+    if slurm:
+        for profile in PROFILES:
+            cmd += ["--profile", str(profile)]
+    else:
+        cmd += ["--cores", "2"]
+    cmd += list(args)
+    started = time.monotonic()
+    proc = subprocess.run(
+        ["timeout", "-k", "30", str(timeout), *cmd],
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return Run(workdir, proc.returncode, proc.stdout + proc.stderr, time.monotonic() - started)
+
+
+def submitted_jobs(output: str) -> dict[str, int]:
+    """SLURM job id -> Snakemake job id, from 'Job N has been submitted with SLURM jobid J' lines."""
+    return {m.group(2): int(m.group(1)) for m in re.finditer(r"Job (\d+) has been submitted with SLURM jobid (\d+)", output)}
+
+
+def rule_blocks(output: str) -> list[tuple[str, str]]:
+    """('rule'|'localrule', name) for every job Snakemake started."""
+    return re.findall(r"^(rule|localrule) (\w+):$", output, flags=re.M)
+
+
+def slurm_job(job_id: str) -> dict[str, str]:
+    """scontrol's view of one job (kept by the controller for MinJobAge after the end)."""
+    out = subprocess.run(
+        ["scontrol", "-d", "-o", "show", "job", job_id], capture_output=True, text=True, check=True
+    ).stdout
+    info: dict[str, str] = {}
+    for field in out.split():
+        key, sep, value = field.partition("=")
+        # Later tokens can come from free text (the command line); the first occurrence is scontrol's field.
+        if sep and key not in info:
+            info[key] = value
+    return info
+
+
+def sha256_tree(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def config_dir(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path, tiny_runs: dict[str, Path]) -> dict:
+    holder = tmp_path_factory.mktemp("slurm-config")
+    return tiny_config(tiny_base, tiny_runs, holder)
+
+
+@pytest.fixture(scope="module")
+def slurm_run(cluster: None, tmp_path_factory: pytest.TempPathFactory, config_dir: dict) -> Run:
+    workdir = tmp_path_factory.mktemp("on-slurm")
+    write_config(workdir, config_dir)
+    run = run_workflow(workdir, slurm=True)
+    print(f"workflow through SLURM in {run.seconds:.1f}s", file=sys.stderr)
+    assert run.returncode == 0, run.output[-8000:]
+    return run
+
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory: pytest.TempPathFactory, config_dir: dict) -> Run:
+    workdir = tmp_path_factory.mktemp("local")
+    write_config(workdir, config_dir)
+    run = run_workflow(workdir, slurm=False)
+    print(f"workflow locally in {run.seconds:.1f}s", file=sys.stderr)
+    assert run.returncode == 0, run.output[-8000:]
+    return run
+
+
+def test_every_remote_job_ran_as_a_completed_slurm_job(slurm_run: Run) -> None:
+    blocks = rule_blocks(slurm_run.output)
+    remote = [name for kind, name in blocks if kind == "rule"]
+    jobs = submitted_jobs(slurm_run.output)
+    assert remote, slurm_run.output[-4000:]
+    # One SLURM job per non-local job, no more, no fewer.
+    assert len(jobs) == len(remote), (remote, jobs)
+    ran_rules = []
+    for job_id in jobs:
+        info = slurm_job(job_id)
+        assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", info
+        # The plugin tags each job with its rule: --comment rule_<name>_wildcards_<...>.
+        match = re.match(r"rule_(\w+?)(?:_wildcards_.*)?$", info["Comment"])
+        assert match, info["Comment"]
+        ran_rules.append(match.group(1))
+        # SLURM's own log of the job exists and shows Snakemake running that rule inside the job.
+        logs = list((slurm_run.workdir / "logs/slurm").rglob(f"{job_id}.log"))
+        assert len(logs) == 1, job_id
+        assert f"rule {match.group(1)}:" in logs[0].read_text(errors="replace")
+    assert sorted(ran_rules) == sorted(remote)
+    for rule in ("merge_adapter", "convert_gguf", "quantize_gguf", "test_merged_model", "compare_models"):
+        assert rule in ran_rules, (rule, ran_rules)
+
+
+def test_gpu_rules_ran_on_gpu_partition_with_a_gpu(slurm_run: Run) -> None:
+    for job_id in submitted_jobs(slurm_run.output):
+        info = slurm_job(job_id)
+        rule = re.match(r"rule_(\w+?)(?:_wildcards_.*)?$", info["Comment"]).group(1)
+        if rule in GPU_RULES:
+            assert info["Partition"] == "gpu", (rule, info)
+            # Requested (--gpus=1 from profiles/slurm) and allocated (one of the node's fake GPUs).
+            assert info.get("TresPerJob") == "gres:gpu:1", (rule, info)
+            assert info.get("JOB_GRES", "").startswith("gpu:fake:1"), (rule, info)
+        else:
+            assert info["Partition"] == "cpu", (rule, info)
+            assert info.get("JOB_GRES", "(null)") == "(null)", (rule, info)
+
+
+def test_memory_request_follows_input_size(slurm_run: Run) -> None:
+    """quantize_gguf asks max(2 x input MB, 2000) MB: the floor for the tiny model, proving the expression ran."""
+    for job_id in submitted_jobs(slurm_run.output):
+        info = slurm_job(job_id)
+        if info["Comment"].startswith("rule_quantize_gguf"):
+            assert "mem=2000M" in info["TRES"], info["TRES"]
+        if info["Comment"].startswith("rule_merge_adapter"):
+            assert "mem=4000M" in info["TRES"], info["TRES"]
+
+
+def test_light_rules_ran_locally(slurm_run: Run) -> None:
+    local = {name for kind, name in rule_blocks(slurm_run.output) if kind == "localrule"}
+    assert "rank_candidates" in local, local
+    assert local <= LOCAL_RULES | {n for n in local if n.startswith(("plot_", "build_demo_"))}, local
+    for job_id in submitted_jobs(slurm_run.output):
+        comment = slurm_job(job_id)["Comment"]
+        assert not any(comment.startswith(f"rule_{name}") for name in local), comment
+
+
+def test_artifacts_identical_to_local_run(slurm_run: Run, local_run: Run) -> None:
+    on_slurm = sha256_tree(slurm_run.workdir / "models")
+    local = sha256_tree(local_run.workdir / "models")
+    assert on_slurm, "no model artifacts"
+    assert any(name.endswith(".gguf") for name in on_slurm), on_slurm
+    assert on_slurm == local
+    # Reports carry timings and hosts; their measured content (generations, metrics) must match too.
+    best = json.loads((slurm_run.workdir / "results/model_analysis.json").read_text())["best"]
+    for name in ("merged_model_test.json", "compare_models.json"):
+        a = json.loads((slurm_run.workdir / "results" / best / name).read_text())
+        b = json.loads((local_run.workdir / "results" / best / name).read_text())
+        assert _stable(a) == _stable(b), name
+
+
+# Keys of our reports whose values legitimately differ between two runs of the same inputs.
+VOLATILE = re.compile(r"(seconds|_s$|_ms$|time|timing|speed|per_second|tokens_per|rss|memory|peak|host|device|date|created|versions|cpu|path|dir$|pid)", re.I)
+
+
+def _stable(obj: object) -> object:
+    if isinstance(obj, dict):
+        return {k: _stable(v) for k, v in obj.items() if not VOLATILE.search(k)}
+    if isinstance(obj, list):
+        return [_stable(v) for v in obj]
+    return obj
+
+
+def test_failing_job_fails_the_run_without_hanging(slurm_run: Run, tmp_path: Path) -> None:
+    workdir = tmp_path / "broken"
+    shutil.copytree(slurm_run.workdir, workdir, symlinks=True)
+    best = json.loads((workdir / "results/model_analysis.json").read_text())["best"]
+    f16 = workdir / f"models/{best}-merged-gguf/model.gguf"
+    # A corrupt F16 GGUF: newer than the quantized files, so quantize_gguf reruns and must fail on it.
+    f16.write_bytes(b"this is not a GGUF file\n")
+    run = run_workflow(workdir, slurm=True, timeout=600)
+    print(f"failing run through SLURM ended in {run.seconds:.1f}s", file=sys.stderr)
+    assert run.returncode not in (124, 137), "snakemake hung and was killed by timeout:\n" + run.output[-4000:]
+    assert run.returncode != 0, run.output[-4000:]
+    assert "Error in rule quantize_gguf" in run.output, run.output[-4000:]
+    failed = re.findall(r"SLURM-job '(\d+)' failed, SLURM status is: '(\w+)'", run.output)
+    assert failed, run.output[-4000:]
+    for job_id, state in failed:
+        assert state == "FAILED", state
+        assert slurm_job(job_id)["JobState"] == "FAILED"
+    # Nothing downstream of the failure was built or left half-written.
+    assert not list(f16.parent.glob(".*tmp*")), list(f16.parent.iterdir())
