@@ -1,6 +1,6 @@
 """GGUF in -> per-tensor quantization -> GGUF out, streaming, with a sidecar report.
 
-The input is memory-mapped (gguf.GGUFReader). The output is written with gguf-py's GGUFWriter
+The input is memory-mapped (header parsed by :func:`lora2gguf.quant.gguf_io.read_gguf`). The output is written with gguf-py's GGUFWriter
 in one pass: header, metadata and every tensor's info first (all sizes are known from the
 plan), then each tensor's data, quantized in chunks of whole rows by a thread pool and
 written in order as the chunks finish. Memory therefore stays around a few chunks per thread
@@ -15,7 +15,6 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import logging
-import mmap
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ from lora2gguf.artifacts import atomic_file, sha256_file, write_json
 from lora2gguf.errors import Lora2ggufError
 from lora2gguf.provenance import PeakMemory, Timer, device_info, package_versions
 from lora2gguf.quant import blocks
-from lora2gguf.quant.gguf_io import RawKVWriter, copy_metadata, open_gguf, read_metadata
+from lora2gguf.quant.gguf_io import GGUFFile, RawKVWriter, copy_metadata, read_gguf
 from lora2gguf.quant.recipe import (
     INTEGER_TYPES,
     ModelInfo,
@@ -64,11 +63,11 @@ def default_sidecar(out_path: str | os.PathLike[str]) -> Path:
     return Path(out_path).with_suffix(".json")
 
 
-def _specs(reader: gguf.GGUFReader) -> list[TensorSpec]:
-    return [TensorSpec(t.name, tuple(int(n) for n in t.shape), t.tensor_type.name) for t in reader.tensors]
+def _specs(reader: GGUFFile) -> list[TensorSpec]:
+    return [TensorSpec(t.name, t.shape, t.type_name) for t in reader.tensors]
 
 
-def _check_requantize(path: Path, reader: gguf.GGUFReader, plan: Plan, allow: bool) -> None:
+def _check_requantize(path: Path, plan: Plan, allow: bool) -> None:
     quantized = [c for c in plan.choices if is_quantized(c.src_type)]
     if not quantized:
         return
@@ -88,21 +87,6 @@ def _check_requantize(path: Path, reader: gguf.GGUFReader, plan: Plan, allow: bo
     logger.warning("%s: requantizing %d already-quantized tensors (%s)", path, len(quantized), ", ".join(types))
 
 
-def _madvise_dontneed(reader: gguf.GGUFReader, offset: int, length: int) -> None:
-    """Drop the input pages of a finished tensor from our resident set (they stay in the page
-    cache); without this RSS grows to the whole input file on big models."""
-    mm = getattr(reader.data, "_mmap", None)
-    if mm is None or not hasattr(mm, "madvise") or length <= 0:
-        return
-    page = mmap.PAGESIZE
-    start = offset // page * page
-    end = offset + length
-    try:
-        mm.madvise(mmap.MADV_DONTNEED, start, end - start)
-    except (OSError, ValueError):
-        pass
-
-
 def _row_chunks(n_rows: int, n_per_row: int) -> list[tuple[int, int]]:
     step = max(1, CHUNK_WEIGHTS // max(1, n_per_row))
     return [(r, min(n_rows, r + step)) for r in range(0, n_rows, step)]
@@ -118,7 +102,7 @@ def _convert_chunk(name: str, src_type: str, dst_type: str, data: np.ndarray, n_
 
 def _write_tensor(
     fout: Any,
-    reader_tensor: Any,
+    reader_tensor: Any,  # gguf_io.TensorEntry
     choice: TensorChoice,
     pool: concurrent.futures.Executor | None,
     window: int,
@@ -197,9 +181,8 @@ def quantize_gguf(
     sidecar_path = Path(sidecar) if sidecar else default_sidecar(dst)
     threads = max(1, options.threads or os.cpu_count() or 1)
 
-    reader = open_gguf(src)
-    meta = read_metadata(reader)
-    model = ModelInfo.from_metadata(meta, str(src))
+    reader = read_gguf(src)
+    model = ModelInfo.from_metadata(reader.metadata, str(src))
     plan = plan_types(
         _specs(reader),
         model,
@@ -208,7 +191,7 @@ def quantize_gguf(
         token_embedding_type=options.token_embedding_type,
         pure=options.pure,
     )
-    _check_requantize(src, reader, plan, options.allow_requantize)
+    _check_requantize(src, plan, options.allow_requantize)
     for c in plan.choices:
         if c.converts and c.dst_type not in blocks.ENCODABLE:
             raise Lora2ggufError(f"tensor {c.name}: cannot write type {c.dst_type}")
@@ -242,7 +225,7 @@ def quantize_gguf(
 
 
 def _write_file(
-    reader: gguf.GGUFReader, path: Path, plan: Plan, model: ModelInfo, threads: int, sizes_out: dict[str, int]
+    reader: GGUFFile, path: Path, plan: Plan, model: ModelInfo, threads: int, sizes_out: dict[str, int]
 ) -> None:
     from tqdm import tqdm
 
@@ -281,7 +264,7 @@ def _write_file(
             if n != sizes_out[c.name]:
                 raise AssertionError(f"tensor {c.name}: wrote {n} bytes, planned {sizes_out[c.name]}")
             writer.write_padding(fout, n)
-            _madvise_dontneed(reader, int(rt.data_offset), int(rt.n_bytes))
+            reader.release(rt.offset, rt.n_bytes)
             logger.debug("%-36s %-16s %5s -> %-5s %s", c.name, c.shape, c.src_type, c.dst_type, c.rule)
     finally:
         if pool is not None:

@@ -118,17 +118,17 @@ def make_f16_fixture(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -
 
     from lora2gguf.artifacts import atomic_file
     from lora2gguf.quant.blocks import decode
-    from lora2gguf.quant.gguf_io import RawKVWriter, copy_metadata, open_gguf
+    from lora2gguf.quant.gguf_io import RawKVWriter, copy_metadata, read_gguf
 
-    reader = open_gguf(src)
-    arch = str(reader.fields["general.architecture"].contents())
+    reader = read_gguf(src)
+    arch = str(reader.metadata["general.architecture"])
     dst = Path(dst)
     with atomic_file(dst) as temp:
         writer = RawKVWriter(temp, arch)
         copy_metadata(reader, writer, overrides={"general.file_type": (int(gguf.LlamaFileType.MOSTLY_F16), gguf.GGUFValueType.UINT32)})
         for t in reader.tensors:
-            ne = [int(n) for n in t.shape]
-            src_type = t.tensor_type.name
+            ne = list(t.shape)
+            src_type = t.type_name
             values = decode(src_type, t.data, ne[0])
             kind = np.float32 if len(ne) == 1 else np.float16
             writer.add_tensor(t.name, values.astype(kind).reshape(tuple(reversed(ne))))

