@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import hashlib
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,7 @@ import numpy as np
 
 from lora2gguf.artifacts import atomic_file, sha256_file, write_json
 from lora2gguf.errors import Lora2ggufError
-from lora2gguf.provenance import PeakMemory, Timer, device_info, package_versions
+from lora2gguf.provenance import PeakMemory, device_info, package_versions
 from lora2gguf.quant import blocks
 from lora2gguf.quant.gguf_io import GGUFFile, RawKVWriter, copy_metadata, read_gguf
 from lora2gguf.quant.recipe import (
@@ -176,57 +178,93 @@ def quantize_gguf(
     """Quantize ``src`` into ``dst`` (atomically) and write the sidecar report; returns it."""
     src, dst = Path(src), Path(dst)
     file_type = canonical_type(options.file_type)
-    if src.resolve() == dst.resolve():
+    if src.exists() and src.resolve() == dst.resolve():
         raise Lora2ggufError(f"{dst}: output would overwrite the input")
     sidecar_path = Path(sidecar) if sidecar else default_sidecar(dst)
     threads = max(1, options.threads or os.cpu_count() or 1)
 
-    reader = read_gguf(src)
-    model = ModelInfo.from_metadata(reader.metadata, str(src))
-    plan = plan_types(
-        _specs(reader),
-        model,
-        file_type,
-        output_tensor_type=options.output_tensor_type,
-        token_embedding_type=options.token_embedding_type,
-        pure=options.pure,
-    )
-    _check_requantize(src, plan, options.allow_requantize)
-    for c in plan.choices:
-        if c.converts and c.dst_type not in blocks.ENCODABLE:
-            raise Lora2ggufError(f"tensor {c.name}: cannot write type {c.dst_type}")
-        if c.converts and c.src_type in INTEGER_TYPES:
-            raise Lora2ggufError(f"{src}: tensor {c.name} of type {c.src_type} cannot be converted to {c.dst_type}")
-    by_name = {t.name: t for t in reader.tensors}
-    logger.info(
-        "%s -> %s: %s, %d tensors, %s, %d threads", src, dst, file_type, len(plan.choices), model.arch, threads
-    )
-
-    sizes_out = {c.name: tensor_bytes(c.dst_type, c.shape) for c in plan.choices}
-    with atomic_file(dst) as temp:
-        with PeakMemory() as mem, Timer() as timer:
-            _write_file(reader, temp, plan, model, threads, sizes_out)
-        n_elements = sum(int(np.prod(c.shape)) for c in plan.choices)
-        bytes_in = sum(int(by_name[c.name].n_bytes) for c in plan.choices)
-        bytes_out = sum(sizes_out.values())
-        report = _report(src, dst, plan, model, options, threads, n_elements, bytes_in, bytes_out, temp.stat().st_size)
-        report["time_s"] = round(timer.seconds, 3)
-        report["memory"] = mem.as_dict()
-        with Timer() as hashing:
-            report["input"]["sha256"] = sha256_file(src)
-            report["output"]["sha256"] = sha256_file(temp)
-        report["hash_time_s"] = round(hashing.seconds, 3)
-        for line in _summary_lines(report):
-            logger.info("%s", line)
-        # The sidecar is written before the GGUF is renamed into place, so a failure here
-        # leaves neither behind.
-        write_json(sidecar_path, report)
+    started = time.perf_counter()
+    with PeakMemory() as mem, concurrent.futures.ThreadPoolExecutor(1) as hasher:
+        # The input's hash runs beside the quantization (hashlib releases the GIL); the
+        # output's is computed from the bytes as they are written.
+        input_hash = hasher.submit(sha256_file, src)
+        reader = read_gguf(src)
+        model = ModelInfo.from_metadata(reader.metadata, str(src))
+        plan = plan_types(
+            _specs(reader),
+            model,
+            file_type,
+            output_tensor_type=options.output_tensor_type,
+            token_embedding_type=options.token_embedding_type,
+            pure=options.pure,
+        )
+        _check_requantize(src, plan, options.allow_requantize)
+        for c in plan.choices:
+            if c.converts and c.dst_type not in blocks.ENCODABLE:
+                raise Lora2ggufError(f"tensor {c.name}: cannot write type {c.dst_type}")
+            if c.converts and c.src_type in INTEGER_TYPES:
+                raise Lora2ggufError(f"{src}: tensor {c.name} of type {c.src_type} cannot be converted to {c.dst_type}")
+        logger.info(
+            "%s -> %s: %s, %d tensors, %s, %d threads", src, dst, file_type, len(plan.choices), model.arch, threads
+        )
+        sizes_out = {c.name: tensor_bytes(c.dst_type, c.shape) for c in plan.choices}
+        with atomic_file(dst) as temp:
+            output_sha256 = _write_file(reader, temp, plan, model, threads, sizes_out)
+            input_sha256 = input_hash.result()
+            by_name = {t.name: t for t in reader.tensors}
+            n_elements = sum(int(np.prod(c.shape)) for c in plan.choices)
+            bytes_in = sum(int(by_name[c.name].n_bytes) for c in plan.choices)
+            bytes_out = sum(sizes_out.values())
+            report = _report(src, dst, plan, model, options, threads, n_elements, bytes_in, bytes_out, temp.stat().st_size)
+            report["input"]["sha256"] = input_sha256
+            report["output"]["sha256"] = output_sha256
+            # wall time of the whole step: parse, plan, quantize, write, hash (not the sidecar itself)
+            report["time_s"] = round(time.perf_counter() - started, 3)
+            report["memory"] = {**mem.as_dict(), "peak_rss_mb": round(max(mem.peak_rss_mb, _rss_now_mb()), 1)}
+            for line in _summary_lines(report):
+                logger.info("%s", line)
+            # The sidecar is written before the GGUF is renamed into place, so a failure here
+            # leaves neither behind.
+            write_json(sidecar_path, report)
     return report
+
+
+class _HashingFile:
+    """A binary file wrapper that hashes everything written through it."""
+
+    def __init__(self, handle: Any) -> None:
+        self._handle = handle
+        self.digest = hashlib.sha256()
+
+    def write(self, data: Any) -> int:
+        self.digest.update(data)
+        return self._handle.write(data)
+
+    def tell(self) -> int:
+        return self._handle.tell()
+
+    def flush(self) -> None:
+        self._handle.flush()
+
+    def close(self) -> None:
+        self._handle.close()
+
+    def fileno(self) -> int:
+        return self._handle.fileno()
+
+
+def _rss_now_mb() -> float:
+    try:
+        with open("/proc/self/statm", encoding="ascii") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return 0.0
 
 
 def _write_file(
     reader: GGUFFile, path: Path, plan: Plan, model: ModelInfo, threads: int, sizes_out: dict[str, int]
-) -> None:
+) -> str:
+    """Write the whole output file; returns its sha256."""
     from tqdm import tqdm
 
     by_name = {t.name: t for t in reader.tensors}
@@ -249,6 +287,10 @@ def _write_file(
             sizes_out[c.name],
             raw_dtype=gguf.GGMLQuantizationType[c.dst_type],
         )
+    writer.open_output_file()
+    assert writer.fout is not None
+    hashing = _HashingFile(writer.fout[0])
+    writer.fout[0] = hashing  # type: ignore[call-overload]
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
@@ -270,6 +312,7 @@ def _write_file(
         if pool is not None:
             pool.shutdown(wait=True, cancel_futures=True)
         writer.close()
+    return hashing.digest.hexdigest()
 
 
 def _report(
