@@ -9,6 +9,7 @@ two-string lists, the latter since transformers 4.45).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -29,6 +30,43 @@ _QWEN2_REGEX = (
 _LLAMA3_REGEX = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+
+# llama.cpp's converter identifies known vocabularies by the sha256 of str(token ids) of this check
+# text (get_vocab_base_pre in convert_hf_to_gguf.py). For the unmodified vocabularies of the
+# families we convert we use the same table, so the name we write is the one llama.cpp would write;
+# a retrained or extended vocabulary falls back to recognising the pre_tokenizer's structure.
+_CHECK_TEXT = '\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n\U0001f680 (normal) \U0001f636\u200d\U0001f32b\ufe0f (multiple emojis concatenated) \u2705 \U0001f999\U0001f999 3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 \u1780\u17b6\u1793\u17cb\u178f\u17c2\u1796\u17b7\u179f\u17c1\u179f\u17a2\u17b6\u1785\U0001f601 ?\u6211\u60f3\u5728apple\u5de5\u4f5c1314151\u5929\uff5e ------======= \u043d\u0435\u0449\u043e \u043d\u0430 \u0411\u044a\u043b\u0433\u0430\u0440\u0441\u043a\u0438 \'\'\'\'\'\'```````""""......!!!!!!?????? I\'ve been \'told he\'s there, \'RE you sure? \'M not sure I\'ll make it, \'D you like some tea? We\'Ve a\'lL'
+_KNOWN_VOCABS = {
+    "e636dc30a262dcc0d8c323492e32ae2b70728f4df7dfe9737d9f920a282b8aea": "qwen2",  # Qwen1.5 / Qwen2 / Qwen2.5
+    "d4540891389ea895b53b399da6ac824becc30f2fba0e9ddbb98f92e55ca0e97c": "qwen2",  # Qwen3-Embedding
+    "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": "smollm",  # SmolLM / SmolLM2
+    "0ef9807a4087ebef797fc749390439009c3b9eda9ad1a097abbe738f486c01e5": "llama-bpe",  # Llama 3
+    "35d91631860c815f952d711435f48d356ebac988362536bed955d43bfa436e34": "starcoder",  # StarCoder2
+    "3ce83efda5659b07b1ad37ca97ca5797ea4285d9b9ab0dc679e4a720c9da7454": "gpt-2",  # GPT-2
+}
+
+
+def vocab_fingerprint(tokenizer_json: Path) -> str:
+    """llama.cpp's vocabulary hash: sha256 of the check text's token ids (with post-processing)."""
+    from tokenizers import Tokenizer
+
+    try:
+        ids = Tokenizer.from_file(str(tokenizer_json)).encode(_CHECK_TEXT, add_special_tokens=True).ids
+    except Exception as exc:  # the tokenizers library raises plain Exceptions for bad files
+        raise Lora2ggufError(f"{tokenizer_json}: the tokenizers library cannot load it: {exc}") from None
+    return hashlib.sha256(str(ids).encode()).hexdigest()
+
+
+def choose_pre_tokenizer(tokenizer: dict[str, Any], tokenizer_config: dict[str, Any], path: Path) -> str:
+    """llama.cpp's name for a known vocabulary, else the one matching the pre_tokenizer structure."""
+    fingerprint = vocab_fingerprint(path)
+    known = _KNOWN_VOCABS.get(fingerprint)
+    if known is not None:
+        logger.debug("%s: vocabulary hash %s is llama.cpp's %r", path, fingerprint, known)
+        return known
+    pre = identify_pre_tokenizer(tokenizer, tokenizer_config, path)
+    logger.info("%s: vocabulary not in llama.cpp's hash table (%s); pre-tokenizer %r from its structure", path, fingerprint[:12], pre)
+    return pre
 
 
 @dataclass
@@ -118,7 +156,7 @@ def build_vocab(model_dir: Path, spec: ArchSpec, vocab_size: int) -> VocabInfo:
     vocab = model.get("vocab")
     if not isinstance(vocab, dict) or not vocab:
         raise Lora2ggufError(f"{tok_path}: key 'model.vocab' is missing or empty")
-    pre = identify_pre_tokenizer(tokenizer, tokenizer_config, tok_path)
+    pre = choose_pre_tokenizer(tokenizer, tokenizer_config, tok_path)
 
     by_id: dict[int, str] = {}
     for text, idx in vocab.items():
