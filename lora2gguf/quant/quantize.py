@@ -20,6 +20,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import gguf
@@ -29,7 +30,7 @@ from lora2gguf.artifacts import atomic_file, sha256_file, write_json
 from lora2gguf.errors import Lora2ggufError
 from lora2gguf.provenance import PeakMemory, device_info, package_versions
 from lora2gguf.quant import blocks
-from lora2gguf.quant.gguf_io import GGUFFile, RawKVWriter, copy_metadata, read_gguf
+from lora2gguf.quant.gguf_io import GGUFFile, RawKVWriter, TensorEntry, copy_metadata, read_gguf
 from lora2gguf.quant.recipe import (
     INTEGER_TYPES,
     ModelInfo,
@@ -94,65 +95,99 @@ def _row_chunks(n_rows: int, n_per_row: int) -> list[tuple[int, int]]:
     return [(r, min(n_rows, r + step)) for r in range(0, n_rows, step)]
 
 
-def _convert_chunk(name: str, src_type: str, dst_type: str, data: np.ndarray, n_per_row: int) -> np.ndarray:
-    values = blocks.decode(src_type, data, n_per_row)
-    if not np.isfinite(values).all():
-        bad = int(np.argwhere(~np.isfinite(values))[0][0])
-        raise Lora2ggufError(f"tensor {name}: non-finite value (NaN or Inf) in row {bad} of this chunk")
-    return blocks.encode(dst_type, values)
+@dataclass(frozen=True)
+class _Job:
+    """One unit of output: a chunk of rows of a converted tensor, or a whole copied tensor."""
+
+    choice: TensorChoice
+    entry: TensorEntry
+    rows: tuple[int, int] | None  # None: copy the tensor's bytes unchanged
+    last: bool  # the tensor's final chunk: pad and release its input pages after it
 
 
-def _write_tensor(
+def _jobs(plan: Plan, by_name: dict[str, TensorEntry]) -> Iterator[_Job]:
+    for c in plan.choices:
+        entry = by_name[c.name]
+        if not c.converts:
+            yield _Job(c, entry, None, True)
+            continue
+        n_rows = entry.n_elements // c.shape[0]
+        chunks = _row_chunks(n_rows, c.shape[0])
+        for k, bounds in enumerate(chunks):
+            yield _Job(c, entry, bounds, k == len(chunks) - 1)
+
+
+def _convert(job: _Job) -> np.ndarray:
+    """Decode a chunk of source rows to float32 and encode it in the target type."""
+    c, (r0, r1) = job.choice, job.rows  # type: ignore[misc]
+    n_per_row = c.shape[0]
+    src_rows = job.entry.data.reshape(job.entry.n_elements // n_per_row, -1)
+    values = blocks.decode(c.src_type, src_rows[r0:r1], n_per_row)
+    finite = np.isfinite(values)
+    if not finite.all():
+        bad = r0 + int(np.argwhere(~finite)[0][0])
+        raise Lora2ggufError(f"tensor {c.name}: non-finite value (NaN or Inf) in row {bad}")
+    return blocks.encode(c.dst_type, values)
+
+
+def _write_data(
     fout: Any,
-    reader_tensor: Any,  # gguf_io.TensorEntry
-    choice: TensorChoice,
-    pool: concurrent.futures.Executor | None,
-    window: int,
-) -> int:
-    """Write one tensor's data (no padding); returns bytes written."""
-    n_per_row = choice.shape[0]
-    raw = reader_tensor.data
-    if not choice.converts:
-        view = np.asarray(raw).reshape(-1).view(np.uint8)
-        step = 1 << 26
-        for start in range(0, view.nbytes, step):
-            fout.write(memoryview(view[start : start + step]))
-        return int(view.nbytes)
+    writer: RawKVWriter,
+    reader: GGUFFile,
+    plan: Plan,
+    sizes_out: dict[str, int],
+    threads: int,
+) -> None:
+    """Stream every tensor's data in plan order. Chunks of all tensors form one queue, so small
+    tensors (one chunk each) still keep every thread busy; results are written in order and at
+    most ``window`` chunks are in flight, which bounds memory."""
+    from tqdm import tqdm
 
-    # Rows of the source in its own encoding: (n_rows, bytes or values per row).
-    n_rows = int(np.prod(choice.shape[1:])) if len(choice.shape) > 1 else 1
-    src_rows = np.asarray(raw).reshape(n_rows, -1)
+    by_name = {t.name: t for t in reader.tensors}
+    jobs = _jobs(plan, by_name)
+    window = 2 * threads + 2
+    pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="quant") if threads > 1 else None
+    pending: collections.deque[tuple[_Job, concurrent.futures.Future[np.ndarray] | None]] = collections.deque()
+
+    def submit_next() -> None:
+        job = next(jobs, None)
+        if job is not None:
+            fut = pool.submit(_convert, job) if (pool is not None and job.rows is not None) else None
+            pending.append((job, fut))
+
+    bar = tqdm(total=len(plan.choices), desc=f"quantize {plan.file_type}", unit="tensor", mininterval=1.0, leave=False)
     written = 0
-    chunks = _row_chunks(n_rows, n_per_row)
-
-    def work(bounds: tuple[int, int]) -> np.ndarray:
-        return _convert_chunk(choice.name, choice.src_type, choice.dst_type, src_rows[bounds[0] : bounds[1]], n_per_row)
-
-    if pool is None or len(chunks) == 1:
-        for bounds in chunks:
-            out = work(bounds)
-            fout.write(memoryview(out).cast("B"))
-            written += out.nbytes
-        return written
-
-    pending: collections.deque[concurrent.futures.Future[np.ndarray]] = collections.deque()
-    it = iter(chunks)
-    for bounds in it:
-        pending.append(pool.submit(work, bounds))
-        if len(pending) >= window:
-            break
     try:
+        for _ in range(window):
+            submit_next()
         while pending:
-            out = pending.popleft().result()
-            nxt = next(it, None)
-            if nxt is not None:
-                pending.append(pool.submit(work, nxt))
-            fout.write(memoryview(out).cast("B"))
-            written += out.nbytes
+            job, fut = pending.popleft()
+            submit_next()
+            if job.rows is None:
+                view = job.entry.data
+                for start in range(0, view.nbytes, 1 << 26):
+                    fout.write(memoryview(view[start : start + (1 << 26)]))
+                written += view.nbytes
+            else:
+                out = fut.result() if fut is not None else _convert(job)
+                fout.write(memoryview(np.ascontiguousarray(out)).cast("B"))
+                written += out.nbytes
+            if job.last:
+                c = job.choice
+                if written != sizes_out[c.name]:
+                    raise AssertionError(f"tensor {c.name}: wrote {written} bytes, planned {sizes_out[c.name]}")
+                writer.write_padding(fout, written)
+                reader.release(job.entry.offset, job.entry.n_bytes)
+                logger.debug("%-36s %-16s %5s -> %-5s %s", c.name, c.shape, c.src_type, c.dst_type, c.rule)
+                written = 0
+                bar.update(1)
     finally:
-        for fut in pending:
-            fut.cancel()
-    return written
+        bar.close()
+        for _, fut in pending:
+            if fut is not None:
+                fut.cancel()
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _summary_lines(report: dict[str, Any]) -> list[str]:
@@ -265,9 +300,6 @@ def _write_file(
     reader: GGUFFile, path: Path, plan: Plan, model: ModelInfo, threads: int, sizes_out: dict[str, int]
 ) -> str:
     """Write the whole output file; returns its sha256."""
-    from tqdm import tqdm
-
-    by_name = {t.name: t for t in reader.tensors}
     writer = RawKVWriter(path, model.arch)
     copy_metadata(
         reader,
@@ -297,20 +329,9 @@ def _write_file(
     assert writer.fout is not None
     fout = writer.fout[0]
     writer.write_padding(fout, fout.tell())
-    pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="quant") if threads > 1 else None
     try:
-        bar = tqdm(plan.choices, desc=f"quantize {plan.file_type}", unit="tensor", mininterval=1.0, leave=False)
-        for c in bar:
-            rt = by_name[c.name]
-            n = _write_tensor(fout, rt, c, pool, window=2 * threads)
-            if n != sizes_out[c.name]:
-                raise AssertionError(f"tensor {c.name}: wrote {n} bytes, planned {sizes_out[c.name]}")
-            writer.write_padding(fout, n)
-            reader.release(rt.offset, rt.n_bytes)
-            logger.debug("%-36s %-16s %5s -> %-5s %s", c.name, c.shape, c.src_type, c.dst_type, c.rule)
+        _write_data(fout, writer, reader, plan, sizes_out, threads)
     finally:
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
         writer.close()
     return hashing.digest.hexdigest()
 
