@@ -1,0 +1,159 @@
+"""Verification of a merge: unmerged base+adapter vs merged model on one fixed token batch.
+
+The merged weights W + s*B@A are mathematically the same function as the unmerged W x + s*B(A x),
+so the logits of both must agree up to rounding of the working dtype. The tolerances below are per
+dtype: fp32 rounding leaves differences around 1e-5 (relative), half precision rounds the merged
+weight itself to 8 or 11 significant bits, so logits move by up to a few tenths there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lora2gguf.errors import Lora2ggufError
+
+if TYPE_CHECKING:  # pragma: no cover - typing only; torch is imported lazily at run time
+    import torch
+
+logger = logging.getLogger(__name__)
+
+# How much text the fixed batch takes from the evaluation file: enough positions to exercise every
+# layer and a good part of the vocabulary's probability mass, small enough for a 0.5B model on CPU.
+DEFAULT_SEQUENCES = 4
+DEFAULT_SEQ_LEN = 64
+_MAX_TEXT_CHARS = 200_000
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Largest acceptable disagreement; each bound is checked separately."""
+
+    max_abs_logit_delta: float
+    mean_kl: float
+    min_top1_agreement: float
+
+    def as_dict(self) -> dict[str, float]:
+        return {
+            "max_abs_logit_delta": self.max_abs_logit_delta,
+            "mean_kl": self.mean_kl,
+            "min_top1_agreement": self.min_top1_agreement,
+        }
+
+
+# Half-precision bounds are loose on purpose: they must catch a wrong merge (deltas of whole logits,
+# KL of 0.1 and more, top-1 flips on many positions) without tripping on rounding of the merged weight.
+TOLERANCES: dict[str, Tolerance] = {
+    "float32": Tolerance(max_abs_logit_delta=1e-2, mean_kl=1e-6, min_top1_agreement=0.99),
+    "float16": Tolerance(max_abs_logit_delta=0.5, mean_kl=5e-3, min_top1_agreement=0.90),
+    "bfloat16": Tolerance(max_abs_logit_delta=1.5, mean_kl=2e-2, min_top1_agreement=0.85),
+}
+
+
+def build_token_batch(
+    tokenizer: Any,
+    eval_text: Path | None,
+    vocab_rows: int,
+    sequences: int = DEFAULT_SEQUENCES,
+    seq_len: int = DEFAULT_SEQ_LEN,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """A fixed [sequences, seq_len] batch of token ids: consecutive windows of the evaluation text.
+
+    Without an evaluation text the batch is pseudo-random ids from a fixed seed, which still
+    exercises every weight but not realistic activations; the report says which one was used.
+    """
+    import torch
+
+    if eval_text is not None:
+        try:
+            text = Path(eval_text).read_text(encoding="utf-8")[:_MAX_TEXT_CHARS]
+        except (OSError, UnicodeDecodeError) as exc:
+            raise Lora2ggufError(f"{eval_text}: cannot read evaluation text: {exc}") from None
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) < 8:
+            raise Lora2ggufError(f"{eval_text}: evaluation text has only {len(ids)} tokens; need at least 8")
+        seq_len = min(seq_len, len(ids))
+        sequences = max(1, min(sequences, len(ids) // seq_len))
+        batch = torch.tensor(ids[: sequences * seq_len], dtype=torch.long).reshape(sequences, seq_len)
+        source: dict[str, Any] = {"source": str(eval_text), "kind": "evaluation text, consecutive windows"}
+    else:
+        generator = torch.Generator().manual_seed(1234)
+        batch = torch.randint(0, vocab_rows, (sequences, seq_len), generator=generator)
+        source = {"source": None, "kind": "pseudo-random token ids (seed 1234); no evaluation text given"}
+    if int(batch.max()) >= vocab_rows:
+        raise Lora2ggufError(
+            f"tokenizer produces id {int(batch.max())} but the model has only {vocab_rows} embedding rows"
+        )
+    source.update(
+        sequences=int(batch.shape[0]),
+        tokens_per_sequence=int(batch.shape[1]),
+        token_ids_sha256=hashlib.sha256(batch.numpy().astype("<i8").tobytes()).hexdigest(),
+    )
+    return batch, source
+
+
+def logits_on(model: Any, batch: torch.Tensor, device: str) -> torch.Tensor:
+    """Logits in float32 on the CPU, one sequence at a time to bound memory with large vocabularies."""
+    import torch
+
+    rows = []
+    with torch.no_grad():
+        for seq in batch:
+            out = model(input_ids=seq.unsqueeze(0).to(device), use_cache=False)
+            rows.append(out.logits[0].float().cpu())
+    return torch.stack(rows)
+
+
+def compare_logits(reference: torch.Tensor, candidate: torch.Tensor) -> dict[str, Any]:
+    """max |Δlogit|, KL(reference || candidate) per position (mean and max) and top-1 agreement."""
+    import torch
+
+    if reference.shape != candidate.shape:
+        raise Lora2ggufError(f"logit shapes differ: unmerged {list(reference.shape)} vs merged {list(candidate.shape)}")
+    ref = reference.double().reshape(-1, reference.shape[-1])
+    cand = candidate.double().reshape(-1, candidate.shape[-1])
+    finite = bool(torch.isfinite(ref).all()) and bool(torch.isfinite(cand).all())
+    if not finite:
+        return {
+            "finite": False,
+            "max_abs_logit_delta": None,
+            "mean_abs_logit_delta": None,
+            "mean_kl": None,
+            "max_kl": None,
+            "top1_agreement": None,
+            "positions": int(ref.shape[0]),
+            "reason": "non-finite logits (NaN or Inf)",
+        }
+    delta = (ref - cand).abs()
+    log_p = torch.log_softmax(ref, dim=-1)
+    log_q = torch.log_softmax(cand, dim=-1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(dim=-1).clamp_min(0.0)  # clamp: tiny negative rounding
+    agree = (ref.argmax(dim=-1) == cand.argmax(dim=-1)).double()
+    return {
+        "finite": True,
+        "max_abs_logit_delta": float(delta.max()),
+        "mean_abs_logit_delta": float(delta.mean()),
+        "max_abs_reference_logit": float(ref.abs().max()),
+        "mean_kl": float(kl.mean()),
+        "max_kl": float(kl.max()),
+        "top1_agreement": float(agree.mean()),
+        "positions": int(ref.shape[0]),
+    }
+
+
+def check_tolerance(metrics: dict[str, Any], dtype: str) -> list[str]:
+    """Return the list of violated bounds (empty when the merge passes)."""
+    tol = TOLERANCES[dtype]
+    if not metrics["finite"]:
+        return ["logits are not finite (NaN/Inf)"]
+    problems = []
+    if metrics["max_abs_logit_delta"] > tol.max_abs_logit_delta:
+        problems.append(f"max |Δlogit| {metrics['max_abs_logit_delta']:.4g} > {tol.max_abs_logit_delta:g}")
+    if metrics["mean_kl"] > tol.mean_kl:
+        problems.append(f"mean KL {metrics['mean_kl']:.4g} > {tol.mean_kl:g}")
+    if metrics["top1_agreement"] < tol.min_top1_agreement:
+        problems.append(f"top-1 agreement {metrics['top1_agreement']:.4f} < {tol.min_top1_agreement:g}")
+    return problems
