@@ -1,7 +1,7 @@
 """Block encoders: float32 rows -> the bytes of one ggml tensor type.
 
 The legacy 32-weight block types (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1) come from gguf-py
-(``gguf.quants.quantize``): its numpy code follows ggml's reference quantizers
+(``gguf.quants.<TYPE>.quantize_blocks``): its numpy code follows ggml's reference quantizers
 (``quantize_row_q*_ref``) operation for operation in float32 -- the same abs-max / min-max
 scale, the same ``1/d``, truncation after ``+ 8.5`` / ``+ 16.5`` / ``+ 0.5``, and for Q8_0
 rounding half away from zero like C's ``roundf`` -- and ``tests/test_quant.py`` checks that its
@@ -23,13 +23,25 @@ K_TYPES = ("Q4_K", "Q5_K", "Q6_K")
 ENCODABLE = ("F32", "F16", *LEGACY_TYPES, *K_TYPES)
 
 
+# Blocks encoded per numpy call: gguf-py's quantize() works in groups of 16 rows, which for
+# short rows means many tiny numpy calls; ~2k blocks (64k weights) per call measured 2x faster
+# here, while the temporaries still fit in the L2 cache.
+_LEGACY_BLOCKS_PER_CALL = 2048
+
+
 def _legacy(type_name: str) -> Callable[[np.ndarray], np.ndarray]:
     import gguf
 
-    qtype = gguf.GGMLQuantizationType[type_name]
+    quantize_blocks = getattr(gguf.quants, type_name).quantize_blocks
+    type_size = BLOCK[type_name][1]
 
     def encode(rows: np.ndarray) -> np.ndarray:
-        return gguf.quants.quantize(rows, qtype)
+        flat = rows.reshape(-1, 32)
+        out = np.empty((flat.shape[0], type_size), dtype=np.uint8)
+        for start in range(0, flat.shape[0], _LEGACY_BLOCKS_PER_CALL):
+            stop = start + _LEGACY_BLOCKS_PER_CALL
+            out[start:stop] = quantize_blocks(flat[start:stop])
+        return out.reshape(rows.shape[0], -1)
 
     return encode
 

@@ -49,7 +49,7 @@ logger = logging.getLogger(__name__)
 QUANTIZATION_VERSION = 2
 # Weights per work item: big enough that numpy's per-call overhead is small, small enough
 # that a chunk's float32 copy and temporaries stay in the L2/L3 cache region.
-CHUNK_WEIGHTS = 1 << 17
+CHUNK_WEIGHTS = 1 << 16
 
 
 @dataclass(frozen=True)
