@@ -66,14 +66,20 @@ def _nearest_int(t: np.ndarray) -> np.ndarray:
     return i
 
 
-def _nearest_clamped_f32(t: np.ndarray, lo: float, hi: float, exact: bool) -> np.ndarray:
-    """clamp(nearest_int(t), lo, hi) as float32, overwriting ``t`` where possible."""
+def _nearest_clamped_f32(
+    t: np.ndarray, lo: np.ndarray | float, hi: np.ndarray | float, exact: bool
+) -> np.ndarray:
+    """clamp(nearest_int(t), lo, hi) as float32, overwriting ``t`` where possible.
+
+    Pass lo/hi as full arrays of t's shape in hot loops: numpy's maximum/minimum
+    against a full array is several times faster than against a scalar.
+    """
     if exact:
         t = _nearest_int(t).astype(_F32)
     else:
         np.rint(t, out=t)
-    np.maximum(t, _F32(lo), out=t)
-    np.minimum(t, _F32(hi), out=t)
+    np.maximum(t, lo, out=t)
+    np.minimum(t, hi, out=t)
     return t
 
 
@@ -109,6 +115,8 @@ def _make_qkx2_quants(
     mn = np.where(xmin > 0, _F32(0), xmin)
     const = xmax == mn
     active = ~const
+    lo = np.zeros((n, S), dtype=_F32)
+    hi = np.full((n, S), nmax, dtype=_F32)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         iscale = _F32(nmax) / (xmax - mn)
         scale = _F32(1) / iscale
@@ -117,7 +125,7 @@ def _make_qkx2_quants(
         t = X - mn
         t *= iscale
         exact = not _rint_safe(iscale, xmin, xmax, mn, active)
-        L = _nearest_clamped_f32(t, 0, nmax, exact)
+        L = _nearest_clamped_f32(t, lo, hi, exact)
         diff = L * scale  # scale*L + min - x
         diff += mn
         diff -= X
@@ -137,7 +145,7 @@ def _make_qkx2_quants(
             np.subtract(X, mn, out=t)
             t *= iscale
             exact = not _rint_safe(iscale, xmin, xmax, mn, active)
-            laux = _nearest_clamped_f32(t, 0, nmax, exact)
+            laux = _nearest_clamped_f32(t, lo, hi, exact)
             np.multiply(W, laux, out=wl)
             np.multiply(wl, laux, out=wll)
             np.multiply(wl, X, out=wlx)
@@ -204,10 +212,12 @@ def _make_qx_quants_rmse1(X: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndar
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         W = X * X
         WX = W * X
+        lo = np.full((n, S), -nmax, dtype=_F32)
+        hi = np.full((n, S), nmax - 1, dtype=_F32)
         iscale = _F32(-nmax) / vmax
         exact = not bool(np.nanmax(np.abs(iscale) * amax, initial=0.0) < _NEAREST_SAFE * 0.5)
         t = X * iscale
-        lq = _nearest_clamped_f32(t, -nmax, nmax - 1, exact)
+        lq = _nearest_clamped_f32(t, lo, hi, exact)
         sumlx = _osum(WX * lq)
         wl = W * lq
         wl *= lq
@@ -221,7 +231,7 @@ def _make_qx_quants_rmse1(X: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndar
                 continue
             iscale = -(_F32(nmax) + _F32(0.1) * _F32(step)) / vmax
             np.multiply(X, iscale, out=t)
-            lq = _nearest_clamped_f32(t, -nmax, nmax - 1, exact)
+            lq = _nearest_clamped_f32(t, lo, hi, exact)
             np.multiply(WX, lq, out=tmp)
             sumlx = _osum(tmp)
             np.multiply(W, lq, out=tmp)
