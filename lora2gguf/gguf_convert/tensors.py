@@ -144,7 +144,8 @@ def convert_data(plan: TensorPlan, data: np.ndarray) -> np.ndarray:
     if plan.qtype == QT.F32:
         out = data.astype(np.float32, copy=False)
     elif plan.qtype == QT.F16:
-        out = data.astype(np.float16)
+        with np.errstate(over="ignore"):  # overflow is detected and reported just below
+            out = data.astype(np.float16)
         if not np.isfinite(out).all():
             bad = np.isfinite(data) & ~np.isfinite(out)
             if bad.any():
