@@ -46,6 +46,9 @@ def _distributions(seed: int, n_rows: int, n_cols: int) -> dict[str, np.ndarray]
     out["offset"] = (g * 0.01 + 0.05).astype(np.float32)
     out["outliers"] = out["gaussian"].copy()
     out["outliers"][:, ::97] *= 200
+    # near-constant blocks far from zero: the min/scale search degenerates
+    out["near_constant_offset"] = (np.float32(1000) + g * np.float32(1e-4)).astype(np.float32)
+    out["two_levels"] = np.where(g > 0, np.float32(2), np.float32(2.0000002)).astype(np.float32)
     # fp16-rounded values, as read from an F16 GGUF
     out["from_f16"] = (rng.standard_normal((n_rows, n_cols)) * 0.03).astype(np.float16).astype(np.float32)
     return out
@@ -55,6 +58,10 @@ def _distributions(seed: int, n_rows: int, n_cols: int) -> dict[str, np.ndarray]
 
 
 def _find_libggml_base() -> Path | None:
+    """libggml-base from the installed llama_cpp package (or $LORA2GGUF_GGML_LIB)."""
+    override = os.environ.get("LORA2GGUF_GGML_LIB")
+    if override:
+        return Path(override)
     try:
         import llama_cpp  # noqa: F401
     except Exception:
@@ -145,6 +152,18 @@ def test_matches_scalar_transcription(type_name: str) -> None:
 
 
 # --------------------------------------------------------------------------- layout and quality via gguf-py
+
+
+@pytest.mark.parametrize("type_name", ["Q4_K", "Q5_K"])
+def test_exact_nearest_path_agrees(type_name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The bit-exact nearest_int branch of the scale search (taken when rint could
+    differ) gives the same bytes as the fast rint branch where both apply."""
+    fn = getattr(kq, f"quantize_{type_name.lower()}")
+    xs = _distributions(seed=4, n_rows=4, n_cols=512)
+    fast = {k: fn(v) for k, v in xs.items()}
+    monkeypatch.setattr(kq, "_rint_safe", lambda *a: False)
+    for k, v in xs.items():
+        assert np.array_equal(fn(v), fast[k]), k
 
 
 @pytest.mark.parametrize(
