@@ -114,18 +114,23 @@ def _make_qkx2_quants(
     # ggml: if (min > 0) min = 0  (a fresh +0.0 either way)
     mn = np.where(xmin > 0, _F32(0), xmin)
     const = xmax == mn
-    active = ~const
     lo = np.zeros((n, S), dtype=_F32)
     hi = np.full((n, S), nmax, dtype=_F32)
+    # LX[0]: levels of the current candidate, LX[1]: the values -- stacked so
+    # that w*l*l and w*l*x are one multiply call
+    LX = np.empty((2, n, S), dtype=_F32)
+    LX[1] = X
+    t = LX[0]
+    buf = np.empty((3, n, S), dtype=_F32)  # w*l, w*l*l, w*l*x
+    sums = np.empty((3, S), dtype=_F32)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        iscale = _F32(nmax) / (xmax - mn)
+        rng = xmax - mn
+        iscale = _F32(nmax) / rng
         scale = _F32(1) / iscale
-        # bound on |iscale*(x - min)| over each column, used to decide whether
-        # rint is exact; computed from the running minimum below
-        t = X - mn
+        ratio = _span_ratio(xmin, xmax, mn, rng, const)
+        np.subtract(X, mn, out=t)
         t *= iscale
-        exact = not _rint_safe(iscale, xmin, xmax, mn, active)
-        L = _nearest_clamped_f32(t, lo, hi, exact)
+        L = _nearest_clamped_f32(t, lo, hi, not _rint_safe(_F32(nmax), ratio))
         diff = L * scale  # scale*L + min - x
         diff += mn
         diff -= X
@@ -134,22 +139,23 @@ def _make_qkx2_quants(
         best_error = _osum(diff)
         # what produced the current L, to rebuild it at the end
         best_iscale = iscale
-        best_mn = mn.copy()
+        best_mn = mn
 
-        buf = np.empty((3, n, S), dtype=_F32)
-        wl, wll, wlx = buf[0], buf[1], buf[2]
         for step in range(nstep + 1):
             # (rmin + rdelta*is + nmax) in float32, left to right
             num = _F32(_F32(rmin) + _F32(rdelta) * _F32(step)) + _F32(nmax)
-            iscale = num / (xmax - mn)
+            iscale = num / rng
             np.subtract(X, mn, out=t)
             t *= iscale
-            exact = not _rint_safe(iscale, xmin, xmax, mn, active)
-            laux = _nearest_clamped_f32(t, lo, hi, exact)
-            np.multiply(W, laux, out=wl)
-            np.multiply(wl, laux, out=wll)
-            np.multiply(wl, X, out=wlx)
-            sums = np.add.reduce(buf, axis=1)
+            if _rint_safe(num, ratio):
+                np.rint(t, out=t)
+                np.maximum(t, lo, out=t)
+                np.minimum(t, hi, out=t)
+            else:
+                t[...] = _nearest_clamped_f32(t, lo, hi, True)
+            np.multiply(W, t, out=buf[0])
+            np.multiply(buf[0], LX, out=buf[1:3])
+            np.add.reduce(buf, axis=1, out=sums)
             sum_l, sum_l2, sum_xl = sums[0], sums[1], sums[2]
             D = sum_w * sum_l2 - sum_l * sum_l
             this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
@@ -158,19 +164,23 @@ def _make_qkx2_quants(
             if pos.any():
                 this_min = np.where(pos, _F32(0), this_min)
                 this_scale = np.where(pos, sum_xl / sum_l2, this_scale)
-            diff = np.multiply(laux, this_scale, out=wl)
+            diff = np.multiply(t, this_scale, out=buf[0])
             diff += this_min
             diff -= X
             diff *= diff
             diff *= W
             cur_error = _osum(diff)
-            win = (D > 0) & (cur_error < best_error) & active
+            # constant columns divide by a zero range: their sums are NaN, D > 0 fails
+            win = D > 0
+            win &= cur_error < best_error
             if win.any():
                 best_error = np.where(win, cur_error, best_error)
                 scale = np.where(win, this_scale, scale)
                 best_iscale = np.where(win, iscale, best_iscale)
                 best_mn = np.where(win, mn, best_mn)
                 mn = np.where(win, this_min, mn)
+                rng = xmax - mn
+                ratio = _span_ratio(xmin, xmax, mn, rng, const)
 
     # rebuild the winning levels (exact nearest_int; the trial used the same arithmetic)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
@@ -182,15 +192,24 @@ def _make_qkx2_quants(
     return scale, -mn, L
 
 
-def _rint_safe(
-    iscale: np.ndarray, xmin: np.ndarray, xmax: np.ndarray, mn: np.ndarray, active: np.ndarray
-) -> bool:
-    """True when every |iscale*(x - mn)| of an active column is small enough for rint == nearest_int."""
+def _span_ratio(
+    xmin: np.ndarray, xmax: np.ndarray, mn: np.ndarray, rng: np.ndarray, const: np.ndarray
+) -> float:
+    """max over non-constant columns of max|x - mn| / |xmax - mn|.
+
+    A candidate's iscale is num/(xmax - mn), so num*ratio bounds every
+    |iscale*(x - mn)| of the chunk (inf/nan when the bound is unusable).
+    """
     span = np.maximum(np.abs(xmax - mn), np.abs(xmin - mn))
-    bound = np.where(active, np.abs(iscale) * span, 0.0)
-    # non-finite bounds (0*inf, inf) mean the C trick's garbage path may be hit
-    m = bound.max(initial=0.0)
-    return bool(np.isfinite(m) and m < _NEAREST_SAFE * 0.5)
+    r = np.where(const, 0.0, span / np.abs(rng))
+    return float(r.max(initial=0.0))
+
+
+def _rint_safe(num: np.floating, ratio: float) -> bool:
+    """True when every |iscale*(x - mn)| is small enough for rint == nearest_int."""
+    b = abs(float(num)) * ratio
+    # the margin covers float32 rounding of iscale and of x - mn
+    return bool(np.isfinite(b) and b < _NEAREST_SAFE * 0.5)
 
 
 # --------------------------------------------------------------------------- make_qx_quants (rmse_type 1, no weights)
