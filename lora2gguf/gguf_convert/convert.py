@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import gguf
 import numpy as np
@@ -28,6 +28,28 @@ from lora2gguf.provenance import PeakMemory, Timer
 logger = logging.getLogger(__name__)
 
 _CHUNK_ROWS = 4096
+# Tensors larger than this are converted in blocks of rows of about this size, so memory does not
+# follow the largest tensor either (a 7B model's bf16 embedding widened to f32 is over 2 GB).
+_CHUNK_BYTES = 16 * 2**20
+
+
+def _pad(handle: BinaryIO, n: int, alignment: int) -> None:
+    handle.write(bytes(-n % alignment))
+
+
+def _write_tensor(handle: BinaryIO, plan: TensorPlan) -> None:
+    """Convert and append one tensor, whole or in row blocks (identical bytes either way)."""
+    entry = plan.entry
+    rows = plan.shape[0] if plan.shape else 0
+    if plan.permute_heads is not None or entry.nbytes <= _CHUNK_BYTES or rows < 2:
+        # q/k permutation mixes rows within a head, so those (small) tensors go whole.
+        with open_tensor(entry) as data:
+            convert_data(plan, data).tofile(handle)
+        return
+    step = max(1, _CHUNK_BYTES // (entry.nbytes // rows))
+    for start in range(0, rows, step):
+        with open_tensor(entry, rows=(start, min(rows, start + step))) as data:
+            convert_data(plan, data).tofile(handle)
 
 
 @dataclass
@@ -147,19 +169,21 @@ def convert(
             model_dir, spec.name, len(plans), hp.block_count, out_path, outtype.upper(),
         )
         with atomic_file(out_path) as temp:
+            # gguf-py writes the header, metadata and tensor table; the data section is streamed
+            # below in the layout that table promises (aligned start, each tensor padded).
             try:
                 writer.write_header_to_file(path=temp)
                 writer.write_kv_data_to_file()
                 writer.write_ti_data_to_file()
+            finally:
+                writer.close()
+            with open(temp, "ab") as handle:
+                _pad(handle, handle.tell(), writer.data_alignment)
                 with tqdm(plans, desc="convert", unit="tensor", disable=not progress, mininterval=0.5) as bar:
                     for plan in bar:
                         bar.set_postfix_str(plan.gguf_name, refresh=False)
-                        with open_tensor(plan.entry) as data:
-                            out = convert_data(plan, data)
-                            writer.write_tensor_data(out)
-                            del out
-            finally:
-                writer.close()
+                        _write_tensor(handle, plan)
+                        _pad(handle, plan.nbytes, writer.data_alignment)
         file_bytes = out_path.stat().st_size
     types: dict[str, int] = {}
     for plan in plans:

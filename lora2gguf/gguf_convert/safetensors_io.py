@@ -15,7 +15,6 @@ import contextlib
 import json
 import logging
 import mmap
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -163,25 +162,35 @@ def index_tensors(model_dir: Path) -> list[TensorEntry]:
 
 
 @contextlib.contextmanager
-def open_tensor(entry: TensorEntry) -> Iterator[np.ndarray]:
-    """Map one tensor's bytes read-only and yield it as a numpy array (float32 for BF16).
+def open_tensor(entry: TensorEntry, rows: tuple[int, int] | None = None) -> Iterator[np.ndarray]:
+    """Map one tensor's bytes (or rows ``[start, stop)`` of it) read-only and yield them as an array.
 
-    The array may be a view of the mapping: consume it (convert, write) inside the ``with`` block.
+    BF16 comes back widened to float32. The array may be a view of the mapping: consume it
+    (convert, write) inside the ``with`` block. Mapping only the rows in use keeps resident memory
+    at the size of that slice, because file pages count as resident while they are mapped.
     """
-    np_dtype, _ = _DTYPES[entry.dtype]
-    if entry.nbytes == 0:
-        yield np.zeros(entry.shape, dtype=np.float32 if entry.dtype == "BF16" else np_dtype)
+    np_dtype, itemsize = _DTYPES[entry.dtype]
+    shape = entry.shape
+    offset, nbytes = entry.offset, entry.nbytes
+    if rows is not None:
+        start, stop = rows
+        row_bytes = entry.nbytes // shape[0] if shape and shape[0] else 0
+        shape = (stop - start, *shape[1:])
+        offset, nbytes = entry.offset + start * row_bytes, (stop - start) * row_bytes
+    count = nbytes // itemsize
+    if nbytes == 0:
+        yield np.zeros(shape, dtype=np.float32 if entry.dtype == "BF16" else np_dtype)
         return
     page = mmap.ALLOCATIONGRANULARITY
-    start = entry.offset - entry.offset % page
-    delta = entry.offset - start
+    map_start = offset - offset % page
+    delta = offset - map_start
     with open(entry.path, "rb") as handle:
-        mapping = mmap.mmap(handle.fileno(), delta + entry.nbytes, offset=start, access=mmap.ACCESS_READ)
+        mapping = mmap.mmap(handle.fileno(), delta + nbytes, offset=map_start, access=mmap.ACCESS_READ)
     try:
         # Tell the kernel we read it once, front to back (readahead, early reclaim).
         with contextlib.suppress(AttributeError, OSError):
             mapping.madvise(mmap.MADV_SEQUENTIAL)
-        raw = np.frombuffer(mapping, dtype=np_dtype, count=entry.n_elements, offset=delta).reshape(entry.shape)
+        raw = np.frombuffer(mapping, dtype=np_dtype, count=count, offset=delta).reshape(shape)
         array = bf16_to_f32(raw) if entry.dtype == "BF16" else raw
         del raw
         yield array
@@ -192,11 +201,3 @@ def open_tensor(entry: TensorEntry) -> Iterator[np.ndarray]:
         except BufferError:
             # A caller kept a view alive; the mapping is freed with that view instead.
             logger.debug("tensor %s: mapping still referenced, left to the garbage collector", entry.name)
-
-
-def total_bytes(entries: list[TensorEntry]) -> int:
-    return sum(e.nbytes for e in entries)
-
-
-def file_size(path: Path) -> int:
-    return os.stat(path).st_size

@@ -133,7 +133,11 @@ def _check_shapes(plans: list[TensorPlan], hp: HParams, model_dir: str) -> None:
 
 
 def convert_data(plan: TensorPlan, data: np.ndarray) -> np.ndarray:
-    """Turn one source tensor (float16/float32/float64 array) into the bytes GGUF stores for it."""
+    """Turn a source tensor, or a block of its rows, into the bytes GGUF stores for it.
+
+    Every output type here works row by row (F32/F16/BF16 element-wise, Q8_0 in blocks of 32
+    within a row), so converting row blocks gives the same bytes as converting the whole tensor.
+    """
     if plan.permute_heads is not None:
         try:
             data = permute_qk(data, plan.permute_heads)
@@ -158,6 +162,6 @@ def convert_data(plan: TensorPlan, data: np.ndarray) -> np.ndarray:
     else:
         # BF16 and Q8_0 through gguf-py's reference-exact quantizers (float32 input).
         out = gguf.quants.quantize(np.asarray(data, dtype=np.float32), plan.qtype)
-    if out.nbytes != plan.nbytes:
-        raise AssertionError(f"{plan.gguf_name}: produced {out.nbytes} bytes, planned {plan.nbytes}")
+    if out.nbytes != type_nbytes(data.shape, plan.qtype):
+        raise AssertionError(f"{plan.gguf_name}: produced {out.nbytes} bytes for shape {data.shape}")
     return out
