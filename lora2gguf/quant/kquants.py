@@ -229,33 +229,37 @@ def _make_qx_quants_rmse1(X: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndar
     vmax = X[imax, cols]
     zero = amax < _GROUP_MAX_EPS
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        W = X * X
-        WX = W * X
+        # WXW[0] = w*x, WXW[1] = w with w = x*x: one multiply by l gives both
+        # (w*x)*l and w*l, in the C association order
+        WXW = np.empty((2, n, S), dtype=_F32)
+        np.multiply(X, X, out=WXW[1])
+        np.multiply(WXW[1], X, out=WXW[0])
         lo = np.full((n, S), -nmax, dtype=_F32)
         hi = np.full((n, S), nmax - 1, dtype=_F32)
+        P = np.empty((2, n, S), dtype=_F32)
+        sums = np.empty((2, S), dtype=_F32)
+        t = np.empty((n, S), dtype=_F32)
+
+        def trial(isc: np.ndarray, exact: bool) -> tuple[np.ndarray, np.ndarray]:
+            np.multiply(X, isc, out=t)
+            lq = _nearest_clamped_f32(t, lo, hi, exact)
+            np.multiply(WXW, lq, out=P)
+            P[1] *= lq
+            np.add.reduce(P, axis=1, out=sums)
+            return sums[0].copy(), sums[1].copy()
+
         iscale = _F32(-nmax) / vmax
-        exact = not bool(np.nanmax(np.abs(iscale) * amax, initial=0.0) < _NEAREST_SAFE * 0.5)
-        t = X * iscale
-        lq = _nearest_clamped_f32(t, lo, hi, exact)
-        sumlx = _osum(WX * lq)
-        wl = W * lq
-        wl *= lq
-        suml2 = _osum(wl)
+        bound = np.abs(iscale) * amax
+        exact = not bool(np.all(np.isfinite(bound[~zero])) and np.all(bound[~zero] < _NEAREST_SAFE * 0.5))
+        sumlx, suml2 = trial(iscale, exact)
         scale = np.where(suml2 != 0, sumlx / suml2, _F32(0))
         best = scale * sumlx
         best_iscale = iscale
-        tmp = np.empty_like(X)
         for step in range(-9, 10):
             if step == 0:
                 continue
             iscale = -(_F32(nmax) + _F32(0.1) * _F32(step)) / vmax
-            np.multiply(X, iscale, out=t)
-            lq = _nearest_clamped_f32(t, lo, hi, exact)
-            np.multiply(WX, lq, out=tmp)
-            sumlx = _osum(tmp)
-            np.multiply(W, lq, out=tmp)
-            tmp *= lq
-            suml2 = _osum(tmp)
+            sumlx, suml2 = trial(iscale, exact)
             win = (suml2 > 0) & (sumlx * sumlx > best * suml2)
             if win.any():
                 new_scale = sumlx / suml2
