@@ -283,7 +283,8 @@ def test_convert_never_imports_torch(tmp_path: Path, qwen_bf16_dir: Path) -> Non
         import sys
         sys.modules["torch"] = None; sys.modules["transformers"] = None
         from lora2gguf.cli import main
-        rc = main(["convert", {str(qwen_bf16_dir)!r}, {str(out)!r}, "--outtype", "bf16", "--no-progress"])
+        rc = main(["convert", {str(qwen_bf16_dir)!r}, {str(out)!r}, "--outtype", "bf16", "--no-progress",
+                   "--report", {str(tmp_path / "report.json")!r}])
         assert "torch" not in [m for m in sys.modules if sys.modules[m] is not None]
         raise SystemExit(rc)
     """)
@@ -292,6 +293,10 @@ def test_convert_never_imports_torch(tmp_path: Path, qwen_bf16_dir: Path) -> Non
     assert out.is_file()
     # the closing line: tensor count, size, time, memory
     assert re.search(r"wrote .*: \d+ tensors .* MiB, \d+ parameters, in [\d.]+ s .* peak RSS [\d.]+ MiB", res.stderr)
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["outtype"] == "bf16" and report["tensor_types"] == {"BF16": 15, "F32": 11}
+    assert report["input_sha256"]["model.safetensors"] and report["output_sha256"]
+    assert report["peak_rss_mb"] > 0 and report["versions"]["gguf"] == "0.19.0"
 
 
 def test_bf16_source_roundtrip(converted, qwen_bf16_dir: Path) -> None:

@@ -33,12 +33,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter", metavar="NAME", help="LoRA adapter / run name, recorded as general.finetune")
     parser.add_argument("--name", metavar="NAME", help="model name for general.name (default: from the folder)")
     parser.add_argument("--no-progress", action="store_true", help="no per-tensor progress bar")
+    parser.add_argument(
+        "--report",
+        metavar="JSON",
+        type=Path,
+        help="also write a JSON report (tensor types, sizes, time, peak memory, versions, input/output sha256)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    from lora2gguf.gguf_convert.convert import convert
+    from lora2gguf.gguf_convert.convert import convert, write_report
 
-    convert(
+    summary = convert(
         args.in_dir,
         args.out,
         args.outtype,
@@ -47,4 +53,6 @@ def run(args: argparse.Namespace) -> int:
         name=args.name,
         progress=not args.no_progress,
     )
+    if args.report is not None:
+        write_report(args.report, summary)
     return 0

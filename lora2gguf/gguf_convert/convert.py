@@ -18,12 +18,12 @@ import gguf
 import numpy as np
 from tqdm import tqdm
 
-from lora2gguf.artifacts import atomic_file
+from lora2gguf.artifacts import atomic_file, sha256_file, sha256_tree, write_json
 from lora2gguf.errors import Lora2ggufError
 from lora2gguf.gguf_convert import archs, vocab
 from lora2gguf.gguf_convert.safetensors_io import TensorEntry, index_tensors, open_tensor
 from lora2gguf.gguf_convert.tensors import OUTTYPES, TensorPlan, convert_data, plan_tensors
-from lora2gguf.provenance import PeakMemory, Timer
+from lora2gguf.provenance import PeakMemory, Timer, device_info, package_versions
 
 logger = logging.getLogger(__name__)
 
@@ -228,3 +228,20 @@ def _log_summary(s: ConvertSummary) -> None:
         s.rss_at_start_mb,
         s.largest_tensor_bytes / mib,
     )
+
+
+def write_report(path: str | Path, summary: ConvertSummary) -> None:
+    """JSON record of a conversion: what was measured, with versions, host and file hashes."""
+    report = {
+        "step": "convert",
+        **summary.as_dict(),
+        "input_sha256": sha256_tree(summary.input_dir),
+        "output_sha256": sha256_file(summary.output),
+        "measured": {
+            "seconds": "wall time of the whole conversion (reading, converting, writing, renaming)",
+            "peak_rss_mb": "peak resident memory of the process during the conversion, sampled every 10 ms",
+        },
+        "versions": package_versions(),
+        "device": device_info("cpu"),
+    }
+    write_json(path, report)
