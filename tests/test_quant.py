@@ -362,12 +362,13 @@ def _eval_tokens(path: Path, n: int) -> list[int]:
     return tokens
 
 
-def check_parity(src: Path, ftype: str, workdir: Path, n_tokens: int = 48) -> dict[str, Any]:
-    """Quantize ``src`` with both implementations and compare; returns the figures (asserted)."""
+def check_parity(src: Path, ftype: str, workdir: Path, n_tokens: int = 48, **options: Any) -> dict[str, Any]:
+    """Quantize ``src`` with both implementations (same options) and compare; returns the
+    figures (asserted)."""
     ours_path = workdir / f"ours-{file_tag(ftype)}.gguf"
     ref_path = workdir / f"llama-{file_tag(ftype)}.gguf"
-    _quantize(src, ours_path, ftype)
-    llama_quantize_file(src, ref_path, ftype, threads=2)
+    _quantize(src, ours_path, ftype, **options)
+    llama_quantize_file(src, ref_path, ftype, threads=2, **options)
 
     ours_table, ref_table = _tensor_table(ours_path), _tensor_table(ref_path)
     assert [(n, t, s) for n, t, s, _ in ours_table] == [(n, t, s) for n, t, s, _ in ref_table], "tensor order/types"
@@ -426,3 +427,56 @@ def test_parity_with_llama_cpp_smollm2(ftype: str, smollm2_f16: Path, tmp_path: 
     known = {"Q4_K_M": 105_454_144, "Q8_0": 144_811_072, "Q4_0": 91_726_912}  # measured with llama.cpp
     if ftype in known:
         assert figures["size"] == known[ftype]
+
+
+def _with_output_head(src: Path, dst: Path) -> Path:
+    """A copy of ``src`` with an untied output head (output.weight = a perturbed copy of
+    token_embd.weight), so the untied-embedding rules are exercised too."""
+    from lora2gguf.quant.gguf_io import RawKVWriter, copy_metadata, read_gguf
+
+    reader = read_gguf(src)
+    writer = RawKVWriter(dst, str(reader.metadata["general.architecture"]))
+    copy_metadata(reader, writer)
+    for t in reader.tensors:
+        values = t.data.view(np.float16 if t.type_name == "F16" else np.float32).reshape(tuple(reversed(t.shape)))
+        writer.add_tensor(t.name, values)
+        if t.name == "token_embd.weight":
+            rng = np.random.default_rng(0)
+            head = (values.astype(np.float32) + rng.standard_normal(values.shape).astype(np.float32) * 0.01)
+            writer.add_tensor("output.weight", head.astype(np.float16))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return dst
+
+
+@needs_llama
+@pytest.mark.parametrize("ftype", ["Q4_K_M", "Q5_K_S", "Q4_0"])
+def test_parity_untied_output_head(ftype: str, tiny_f16: Path, tmp_path: Path) -> None:
+    untied = _with_output_head(tiny_f16, tmp_path / "untied.gguf")
+    figures = check_parity(untied, ftype, tmp_path)
+    assert figures["byte_identical_file"]
+
+
+@needs_llama
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"output_tensor_type": "Q8_0", "token_embedding_type": "Q4_0"},
+        {"token_embedding_type": "F16"},
+        {"pure": True},
+    ],
+    ids=["out-q8_0-embd-q4_0", "embd-f16", "pure"],
+)
+def test_parity_with_options(options: dict[str, Any], tiny_f16: Path, tmp_path: Path) -> None:
+    untied = _with_output_head(tiny_f16, tmp_path / "untied.gguf")
+    for src in (tiny_f16, untied):
+        check_parity(src, "Q4_K_M", tmp_path, **options)
+
+
+@needs_llama
+def test_parity_requantize(tiny_f16: Path, tmp_path: Path) -> None:
+    q8 = tmp_path / "q8.gguf"
+    llama_quantize_file(tiny_f16, q8, "Q8_0")
+    check_parity(q8, "Q4_K_M", tmp_path, allow_requantize=True)
