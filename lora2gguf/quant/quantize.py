@@ -300,6 +300,8 @@ def _write_file(
     reader: GGUFFile, path: Path, plan: Plan, model: ModelInfo, threads: int, sizes_out: dict[str, int]
 ) -> str:
     """Write the whole output file; returns its sha256."""
+    # gguf-py logs the temporary file name at INFO; our own log names the real output.
+    logging.getLogger("gguf.gguf_writer").setLevel(logging.WARNING)
     writer = RawKVWriter(path, model.arch)
     copy_metadata(
         reader,

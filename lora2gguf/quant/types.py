@@ -42,18 +42,25 @@ TENSOR_TYPES: tuple[str, ...] = ("F32", "F16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "
 
 
 def canonical_type(name: str) -> str:
-    """``q4_k_m`` / ``Q4_K_M`` -> ``Q4_K_M``; unknown names fail with the supported list."""
+    """``q4_k_m`` / ``Q4_K_M`` / file tag ``q4_km`` -> ``Q4_K_M``; unknown names fail with the supported list."""
     upper = str(name).strip().upper()
     if upper not in FILE_TYPES:
+        for known in FILE_TYPES:
+            if _tag(known) == upper.lower():
+                return known
         raise Lora2ggufError(
             f"quantization type {name!r} is not supported; supported types: {', '.join(SUPPORTED)}"
         )
     return upper
 
 
+def _tag(known: str) -> str:
+    return known.lower().replace("_k_m", "_km").replace("_k_s", "_ks")
+
+
 def file_tag(type_name: str) -> str:
     """File-name tag of a type, as the export guide names files: Q4_K_M -> q4_km, Q8_0 -> q8_0, Q6_K -> q6_k."""
-    return canonical_type(type_name).lower().replace("_k_m", "_km").replace("_k_s", "_ks")
+    return _tag(canonical_type(type_name))
 
 
 def type_from_tag(tag: str) -> str:
