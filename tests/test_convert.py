@@ -61,7 +61,7 @@ def _copy_model(src: Path, dst: Path) -> Path:
 
 
 def build_tiny_llama(out_dir: Path, seed: int = 0) -> Path:
-    """A random LlamaForCausalLM (GQA, untied head) with a SmolLM2-style byte-level BPE tokenizer."""
+    """A random LlamaForCausalLM (GQA, q/k/v biases, untied head) with a SmolLM2-style byte-level BPE tokenizer."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -87,10 +87,14 @@ def build_tiny_llama(out_dir: Path, seed: int = 0) -> Path:
         vocab_size=n_vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5,
         rope_theta=10000.0, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=2,
-        initializer_range=0.2,
+        initializer_range=0.2, attention_bias=True,
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config).to(torch.float32).eval()
+    with torch.no_grad():  # non-zero q/k biases, so their per-head permutation is visible
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(0.0, 0.5)
     out_dir.mkdir(parents=True)
     model.save_pretrained(out_dir, safe_serialization=True)
     tok.save(str(out_dir / "tokenizer.json"))
