@@ -156,6 +156,30 @@ def _check_finite(model: Any, adapter_file: Path) -> None:
             )
 
 
+def _separate_tied_embeddings_if_adapted(peft_model: Any, notes: list[str]) -> None:
+    """Give the output head its own tensor when LoRA adapts one side of a tied embedding.
+
+    Unmerged, a LoRA on embed_tokens changes only the input lookup while lm_head keeps using the
+    base matrix. Merging in place into the shared tensor would change lm_head as well, i.e. a
+    different model from the one trained (peft #2244, llama.cpp #9065); copying first keeps the
+    trained function, and the output is then written untied.
+    """
+    import torch
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    model = peft_model.get_base_model()
+    in_mod, out_mod = model.get_input_embeddings(), model.get_output_embeddings()
+    if in_mod is None or out_mod is None:
+        return
+    adapted = isinstance(in_mod, BaseTunerLayer) or isinstance(out_mod, BaseTunerLayer)
+    if not adapted or in_mod.weight is not out_mod.weight:
+        return
+    holder = out_mod.get_base_layer() if isinstance(out_mod, BaseTunerLayer) else out_mod
+    holder.weight = torch.nn.Parameter(in_mod.weight.detach().clone(), requires_grad=False)
+    notes.append("LoRA adapts a tied embedding: lm_head given its own copy before merging")
+    logger.info("%s", notes[-1])
+
+
 def _embedding_tying(model: Any, warnings_out: list[str]) -> dict[str, Any]:
     """Keep tied embeddings tied when the merge left them equal; untie (and say so) when it did not.
 
@@ -328,7 +352,16 @@ def merge_adapter(
             except Exception as exc:  # noqa: BLE001 - peft raises many types for bad adapters
                 raise Lora2ggufError(f"{adapter}: peft cannot load the adapter: {exc}") from None
             peft_model.eval()
-            loaded = {k.replace(".default", "") for k in get_peft_model_state_dict(peft_model)}
+            adapter_state = get_peft_model_state_dict(peft_model)
+            loaded = {k.replace(".default", "") for k in adapter_state}
+            for key, tensor in adapter_state.items():
+                if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                    raise Lora2ggufError(
+                        f"{adapter_w.files[0]}: adapter tensor '{key}' holds "
+                        f"{int((~torch.isfinite(tensor)).sum())} NaN/Inf values; nothing was written"
+                    )
+            del adapter_state
+            _separate_tied_embeddings_if_adapted(peft_model, notes)
             not_loaded = sorted(set(adapter_w.tensors) - loaded)
             if not_loaded:
                 raise Lora2ggufError(

@@ -66,8 +66,11 @@ def make_adapter(
     peft_model = get_peft_model(model, config)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
+            # peft starts one factor at zero (lora_B; for embeddings lora_embedding_A): randomise it.
             if "lora_B" in name or "lora_embedding_B" in name:
                 param.normal_(0.0, scale)
+            elif "lora_embedding_A" in name:
+                param.normal_(0.0, 1.0)
             elif "lora_magnitude_vector" in name:
                 param.mul_(1.0 + 0.1 * torch.randn_like(param))
             elif "modules_to_save" in name:
@@ -333,6 +336,20 @@ def test_added_tokens_without_trained_embeddings_fail(tmp_path: Path, tiny_base:
     assert_nothing_written(out)
 
 
+def test_lora_on_tied_embedding_keeps_trained_function(tmp_path: Path, tiny_base: Path, eval_text: Path) -> None:
+    """LoRA on embed_tokens of a tied model: merged in place it would also change lm_head (peft #2244)."""
+    import torch
+
+    adapter = make_adapter(tiny_base, tmp_path / "ad", targets=["embed_tokens", "q_proj"], seed=11)
+    out = tmp_path / "out"
+    report = merge_adapter(tiny_base, adapter, out, eval_text=eval_text)
+    assert report["output"]["tie_word_embeddings"]["output_tied"] is False
+    assert "lm_head.weight" in safetensors_names(out)
+    ids = torch.arange(20, 84).reshape(2, 32)
+    ref = peft_reference_logits(tiny_base, adapter, ids)
+    assert (ref - merged_logits(out, ids)).abs().max() < 1e-4
+
+
 # --- rsLoRA and DoRA ---------------------------------------------------------------------------------
 
 
@@ -381,28 +398,44 @@ def _nan_in_lora_b(peft_model: Any) -> None:
             param.data[0, 0] = float("nan")
 
 
-def _inf_in_unused_embedding_row(peft_model: Any) -> None:
-    # LoRA on the input embedding, Inf only in the row of a token the verification batch never uses:
-    # the unmerged forward stays finite, only the merged weight turns non-finite.
+def _inf_in_embedding_lora(peft_model: Any) -> None:
     for name, param in peft_model.named_parameters():
         if "lora_embedding_A" in name:
             param.data[:, -1] = float("inf")
 
 
+def _fp16_overflow_in_unused_row(peft_model: Any) -> None:
+    # Large but finite LoRA factors in the row of a token the verification batch never uses: the
+    # unmerged forward stays finite, only the merged float16 embedding row overflows (|x| > 65504).
+    for name, param in peft_model.named_parameters():
+        if "lora_embedding_A" in name:
+            param.data[:, -1] = 300.0
+        elif "lora_embedding_B" in name:
+            param.data[:] = 300.0
+
+
 @pytest.mark.parametrize(
-    ("case", "targets", "mutate"),
+    ("targets", "mutate", "dtype", "message"),
     [
-        ("nan-lora-b", ["down_proj"], _nan_in_lora_b),
-        ("inf-embedding", ["embed_tokens"], _inf_in_unused_embedding_row),
+        (["down_proj"], _nan_in_lora_b, "float32", r"layers\.1\.mlp\.down_proj\.lora_B.*NaN/Inf"),
+        (["embed_tokens"], _inf_in_embedding_lora, "float32", r"lora_embedding_A.*NaN/Inf"),
+        (["embed_tokens"], _fp16_overflow_in_unused_row, "float16", r"merge failed: .*NaN"),
     ],
+    ids=["nan-lora-b", "inf-embedding", "fp16-overflow"],
 )
 def test_non_finite_merge_fails_and_writes_nothing(
-    tmp_path: Path, tiny_base: Path, eval_text: Path, case: str, targets: list[str], mutate: Callable
+    tmp_path: Path,
+    tiny_base: Path,
+    eval_text: Path,
+    targets: list[str],
+    mutate: Callable,
+    dtype: str,
+    message: str,
 ) -> None:
     adapter = make_adapter(tiny_base, tmp_path / "ad", targets=targets, mutate=mutate)
     out, report = tmp_path / "models" / "bad-merged", tmp_path / "results" / "merge_report.json"
-    with pytest.raises(Lora2ggufError, match=r"NaN|Inf") as err:
-        merge_adapter(tiny_base, adapter, out, report=report, eval_text=eval_text)
+    with pytest.raises(Lora2ggufError, match=message) as err:
+        merge_adapter(tiny_base, adapter, out, report=report, eval_text=eval_text, dtype=dtype)
     assert "adapter_model.safetensors" in str(err.value)
     assert_nothing_written(out, report)
 
@@ -525,3 +558,14 @@ def test_half_precision_merge(tmp_path: Path, tiny_base: Path, plain_adapter: Pa
     assert report["verification"]["tolerance"]["max_abs_logit_delta"] > 1e-2
     with safe_open(tmp_path / "bf16" / "model.safetensors", "pt") as handle:
         assert handle.get_tensor("model.layers.0.self_attn.q_proj.weight").dtype == torch.bfloat16
+
+
+def test_trained_demo_run_merges(tmp_path: Path, tiny_base: Path, tiny_run: Path, eval_text: Path) -> None:
+    """A real (short) peft training in LLaMA-Factory's run layout, as the workflow sees it."""
+    out, report_path = tmp_path / "models" / "tiny-merged", tmp_path / "results" / "merge_report.json"
+    report = merge_adapter(tiny_base, tiny_run, out, report=report_path, eval_text=eval_text)
+    assert json.loads(report_path.read_text()) == report
+    assert report["verification"]["top1_agreement"] == 1.0
+    assert report["verification"]["max_abs_logit_delta"] <= report["verification"]["tolerance"]["max_abs_logit_delta"]
+    assert report["output"]["tokenizer_source"] == str(tiny_run)
+    assert report["base_check"]["shapes_match"] is True
