@@ -17,6 +17,13 @@ sys.path.insert(0, str(Path(__file__).parent))
 import _kq_scalar_ref as scalar_ref  # noqa: E402
 
 TYPES = ["Q4_K", "Q5_K", "Q6_K"]
+BACKENDS = [
+    "numpy",
+    pytest.param(
+        "numba",
+        marks=pytest.mark.skipif(not kq.numba_available(), reason="numba not installed"),
+    ),
+]
 # ggml_type enum values (ggml.h)
 GGML_TYPE_ID = {"Q4_K": 12, "Q5_K": 13, "Q6_K": 14}
 
@@ -116,11 +123,12 @@ def block_match(a: np.ndarray, b: np.ndarray, block_bytes: int) -> tuple[int, in
 
 
 @needs_ggml
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("type_name", TYPES)
-def test_byte_identical_to_ggml(type_name: str) -> None:
+def test_byte_identical_to_ggml(type_name: str, backend: str) -> None:
     report = []
     for name, x in _distributions(seed=11, n_rows=24, n_cols=1024).items():
-        ours = getattr(kq, f"quantize_{type_name.lower()}")(x)
+        ours = getattr(kq, f"quantize_{type_name.lower()}")(x, backend=backend)
         ref = ggml_quantize(type_name, x)
         same, total = block_match(ours, ref, kq.BLOCK_BYTES[type_name])
         report.append(f"{name}: {same}/{total}")
@@ -128,11 +136,12 @@ def test_byte_identical_to_ggml(type_name: str) -> None:
 
 
 @needs_ggml
-def test_byte_identical_to_ggml_larger_gaussian() -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_byte_identical_to_ggml_larger_gaussian(backend: str) -> None:
     rng = np.random.default_rng(5)
     x = (rng.standard_normal((64, 4096)) * 0.02).astype(np.float32)
     for type_name in TYPES:
-        ours = getattr(kq, f"quantize_{type_name.lower()}")(x)
+        ours = getattr(kq, f"quantize_{type_name.lower()}")(x, backend=backend)
         ref = ggml_quantize(type_name, x)
         same, total = block_match(ours, ref, kq.BLOCK_BYTES[type_name])
         assert same == total, f"{type_name}: {same}/{total}"
@@ -141,13 +150,14 @@ def test_byte_identical_to_ggml_larger_gaussian() -> None:
 # --------------------------------------------------------------------------- scalar transcription (no llama.cpp needed)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("type_name", TYPES)
-def test_matches_scalar_transcription(type_name: str) -> None:
-    """The vectorised code equals a loop-by-loop float32 transcription, block by block."""
+def test_matches_scalar_transcription(type_name: str, backend: str) -> None:
+    """Both backends equal a loop-by-loop float32 transcription, block by block."""
     block = scalar_ref.BLOCK_FUNCS[type_name]
     for name, x in _distributions(seed=3, n_rows=4, n_cols=256).items():
         x = x[[0, 3]]  # rows 0 and 3 carry the zero / near-constant corner cases (slow reference)
-        ours = getattr(kq, f"quantize_{type_name.lower()}")(x)
+        ours = getattr(kq, f"quantize_{type_name.lower()}")(x, backend=backend)
         for r in range(x.shape[0]):
             assert ours[r].tobytes() == block(x[r]), f"{type_name} {name} row {r}"
 
@@ -161,10 +171,28 @@ def test_exact_nearest_path_agrees(type_name: str, monkeypatch: pytest.MonkeyPat
     differ) gives the same bytes as the fast rint branch where both apply."""
     fn = getattr(kq, f"quantize_{type_name.lower()}")
     xs = _distributions(seed=4, n_rows=4, n_cols=512)
-    fast = {k: fn(v) for k, v in xs.items()}
+    fast = {k: fn(v, backend="numpy") for k, v in xs.items()}
     monkeypatch.setattr(kq, "_rint_safe", lambda *a: False)
     for k, v in xs.items():
-        assert np.array_equal(fn(v), fast[k]), k
+        assert np.array_equal(fn(v, backend="numpy"), fast[k]), k
+
+
+@pytest.mark.skipif(not kq.numba_available(), reason="numba not installed")
+@pytest.mark.parametrize("type_name", TYPES)
+def test_backends_agree(type_name: str) -> None:
+    fn = getattr(kq, f"quantize_{type_name.lower()}")
+    for name, x in _distributions(seed=8, n_rows=8, n_cols=1024).items():
+        assert np.array_equal(fn(x, backend="numpy"), fn(x, backend="numba")), name
+
+
+def test_backend_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LORA2GGUF_KQUANTS_BACKEND", "numpy")
+    assert kq.resolve_backend() == "numpy"
+    assert kq.resolve_backend("numpy") == "numpy"
+    monkeypatch.delenv("LORA2GGUF_KQUANTS_BACKEND")
+    assert kq.resolve_backend() == ("numba" if kq.numba_available() else "numpy")
+    with pytest.raises(ValueError, match="unknown K-quant backend"):
+        kq.resolve_backend("cuda")
 
 
 @pytest.mark.parametrize(
@@ -214,14 +242,15 @@ def test_shapes_and_errors(type_name: str) -> None:
         fn(np.zeros(256, dtype=np.float32))
 
 
-def test_thread_pool_gives_same_bytes() -> None:
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_thread_pool_gives_same_bytes(backend: str) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
     rng = np.random.default_rng(2)
     x = (rng.standard_normal((16, 1024)) * 0.02).astype(np.float32)
-    whole = kq.quantize_q4_k(x)
+    whole = kq.quantize_q4_k(x, backend=backend)
     with ThreadPoolExecutor(max_workers=2) as pool:
-        parts = list(pool.map(kq.quantize_q4_k, [x[:8], x[8:]]))
+        parts = list(pool.map(lambda a: kq.quantize_q4_k(a, backend=backend), [x[:8], x[8:]]))
     assert np.array_equal(np.concatenate(parts), whole)
 
 

@@ -30,6 +30,7 @@ its inner loops, so a thread pool over row chunks runs them in parallel.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Callable
 
 import numpy as np
@@ -48,6 +49,8 @@ _GROUP_MAX_EPS = np.float32(1e-15)
 # super-blocks processed together: the (positions, sub-blocks) temporaries of
 # one chunk then stay in the 512 KiB L2 cache of one core
 _CHUNK_SUPERBLOCKS = 128
+# the numba kernels keep one sub-block in registers; chunks only bound the numpy temporaries
+_CHUNK_SUPERBLOCKS_NUMBA = 1024
 
 
 # --------------------------------------------------------------------------- helpers
@@ -290,8 +293,32 @@ def _pack_scale_min_k4(ls: np.ndarray, lm: np.ndarray) -> np.ndarray:
     return out
 
 
+def _search_qkx(
+    xb: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int, backend: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per 32-value sub-block: weights av_x + |x| and make_qkx2_quants.
+
+    Returns scales (S,), mins (S,) and the search's levels as an (S, 32) array.
+    """
+    S = xb.shape[0] * 8
+    if backend == "numba":
+        nbk = _numba_kernels()
+        scales = np.empty(S, dtype=_F32)
+        mins = np.empty(S, dtype=_F32)
+        L = np.empty((S, 32), dtype=np.uint8)
+        nbk.qkx2_search(xb.reshape(S, 32), nmax, rmin, rdelta, nstep, scales, mins, L)
+        return scales, mins, L
+    X = np.ascontiguousarray(xb.reshape(S, 32).T)  # (32, S): position-major for ordered sums
+    sum_x2 = _osum(X * X)
+    av_x = np.sqrt(sum_x2 / _F32(32))
+    W = np.abs(X)
+    W += av_x
+    scales, mins, L = _make_qkx2_quants(X, W, nmax, rmin, rdelta, nstep)
+    return scales, mins, L.T
+
+
 def _qkx_superblocks(
-    xb: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int
+    xb: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int, backend: str
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Shared body of quantize_row_q4_K_ref / q5_K_ref for (nb, 256) float32 input.
 
@@ -299,14 +326,7 @@ def _qkx_superblocks(
     L (nb, 256) uint8 levels in 0..nmax).
     """
     nb = xb.shape[0]
-    S = nb * 8
-    X = np.ascontiguousarray(xb.reshape(S, 32).T)  # (32, S): position-major for ordered sums
-    sum_x2 = _osum(X * X)
-    av_x = np.sqrt(sum_x2 / _F32(32))
-    W = np.abs(X)
-    W += av_x
-    scales, mins, Lsearch = _make_qkx2_quants(X, W, nmax, rmin, rdelta, nstep)
-    del W, X
+    scales, mins, Lsearch = _search_qkx(xb, nmax, rmin, rdelta, nstep, backend)
 
     sc = scales.reshape(nb, 8)
     mi = mins.reshape(nb, 8)
@@ -335,14 +355,14 @@ def _qkx_superblocks(
     L = Lq.astype(np.uint8)
     skip = dsub == 0  # ggml keeps the search's levels there
     if skip.any():
-        Ls = Lsearch.T.reshape(nb, 8, 32).astype(np.uint8)
+        Ls = Lsearch.reshape(nb, 8, 32).astype(np.uint8)
         L[skip] = Ls[skip]
     return d_bits, dmin_bits, ls, lm, L.reshape(nb, QK_K)
 
 
-def _q4_k_chunk(xb: np.ndarray) -> np.ndarray:
+def _q4_k_chunk(xb: np.ndarray, backend: str) -> np.ndarray:
     nb = xb.shape[0]
-    d_bits, dmin_bits, ls, lm, L = _qkx_superblocks(xb, 15, -1.0, 0.1, 20)
+    d_bits, dmin_bits, ls, lm, L = _qkx_superblocks(xb, 15, -1.0, 0.1, 20, backend)
     out = np.empty((nb, 144), dtype=np.uint8)
     out[:, 0:2] = d_bits.view(np.uint8).reshape(nb, 2)
     out[:, 2:4] = dmin_bits.view(np.uint8).reshape(nb, 2)
@@ -353,9 +373,9 @@ def _q4_k_chunk(xb: np.ndarray) -> np.ndarray:
     return out
 
 
-def _q5_k_chunk(xb: np.ndarray) -> np.ndarray:
+def _q5_k_chunk(xb: np.ndarray, backend: str) -> np.ndarray:
     nb = xb.shape[0]
-    d_bits, dmin_bits, ls, lm, L = _qkx_superblocks(xb, 31, -0.5, 0.1, 15)
+    d_bits, dmin_bits, ls, lm, L = _qkx_superblocks(xb, 31, -0.5, 0.1, 15, backend)
     out = np.empty((nb, 176), dtype=np.uint8)
     out[:, 0:2] = d_bits.view(np.uint8).reshape(nb, 2)
     out[:, 2:4] = dmin_bits.view(np.uint8).reshape(nb, 2)
@@ -374,12 +394,18 @@ def _q5_k_chunk(xb: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- Q6_K
 
 
-def _q6_k_chunk(xb: np.ndarray) -> np.ndarray:
+def _q6_k_chunk(xb: np.ndarray, backend: str) -> np.ndarray:
     nb = xb.shape[0]
     S = nb * 16
-    X = np.ascontiguousarray(xb.reshape(S, 16).T)  # (16, S)
-    scales, Lsearch = _make_qx_quants_rmse1(X, 32)
-    del X
+    if backend == "numba":
+        scales = np.empty(S, dtype=_F32)
+        Lsearch = np.empty((S, 16), dtype=np.uint8)
+        _numba_kernels().qx_rmse1_search(xb.reshape(S, 16), 32, scales, Lsearch)
+    else:
+        X = np.ascontiguousarray(xb.reshape(S, 16).T)  # (16, S)
+        scales, Lsearch = _make_qx_quants_rmse1(X, 32)
+        Lsearch = Lsearch.T
+        del X
     sc = scales.reshape(nb, 16)
     asc = np.abs(sc)
     imax = np.argmax(asc, axis=1)
@@ -400,7 +426,7 @@ def _q6_k_chunk(xb: np.ndarray) -> np.ndarray:
     L = Lq.astype(np.uint8)
     skip = dsub == 0
     if skip.any():
-        Ls = Lsearch.T.reshape(nb, 16, 16).astype(np.uint8)
+        Ls = Lsearch.reshape(nb, 16, 16).astype(np.uint8)
         L[skip] = Ls[skip]
     L = L.reshape(nb, 2, 4, 32)  # half h, quarter k, position l: value index 128h + 32k + l
     out = np.empty((nb, 210), dtype=np.uint8)
@@ -422,8 +448,47 @@ def _q6_k_chunk(xb: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------- public API
 
 
+BACKENDS = ("numpy", "numba")
+_BACKEND_ENV = "LORA2GGUF_KQUANTS_BACKEND"
+
+
+def _numba_kernels():  # type: ignore[no-untyped-def]
+    from lora2gguf.quant import _kq_numba
+
+    return _kq_numba
+
+
+def numba_available() -> bool:
+    """True when numba is importable (the faster search kernels can be used)."""
+    try:
+        _numba_kernels()
+    except Exception as exc:  # missing, or installed but unusable with this numpy
+        logger.debug("numba K-quant kernels unavailable: %s", exc)
+        return False
+    return True
+
+
+def resolve_backend(backend: str | None = None) -> str:
+    """'numpy' or 'numba': the argument, else $LORA2GGUF_KQUANTS_BACKEND, else numba when installed.
+
+    Both produce the same bytes; numba runs the two search loops at about C speed.
+    """
+    choice = backend or os.environ.get(_BACKEND_ENV) or "auto"
+    if choice == "auto":
+        return "numba" if numba_available() else "numpy"
+    if choice not in BACKENDS:
+        raise ValueError(f"unknown K-quant backend {choice!r}; choose one of {', '.join(BACKENDS)} or auto")
+    if choice == "numba" and not numba_available():
+        raise ValueError("K-quant backend 'numba' requested but numba is not installed")
+    return choice
+
+
 def _quantize(
-    x: np.ndarray, chunk_fn: Callable[[np.ndarray], np.ndarray], block_bytes: int, name: str
+    x: np.ndarray,
+    chunk_fn: Callable[[np.ndarray, str], np.ndarray],
+    block_bytes: int,
+    name: str,
+    backend: str | None,
 ) -> np.ndarray:
     a = np.asarray(x)
     if a.ndim != 2:
@@ -431,6 +496,7 @@ def _quantize(
     n_rows, n_cols = a.shape
     if n_cols % QK_K:
         raise ValueError(f"{name}: row length {n_cols} is not a multiple of {QK_K}")
+    be = resolve_backend(backend)
     nbr = n_cols // QK_K
     out = np.empty((n_rows, nbr * block_bytes), dtype=np.uint8)
     if a.size == 0:
@@ -438,29 +504,30 @@ def _quantize(
     blocks = a.reshape(n_rows * nbr, QK_K)
     oblocks = out.reshape(n_rows * nbr, block_bytes)
     total = blocks.shape[0]
-    for s in range(0, total, _CHUNK_SUPERBLOCKS):
-        e = min(total, s + _CHUNK_SUPERBLOCKS)
+    chunk = _CHUNK_SUPERBLOCKS if be == "numpy" else _CHUNK_SUPERBLOCKS_NUMBA
+    for s in range(0, total, chunk):
+        e = min(total, s + chunk)
         xb = np.ascontiguousarray(blocks[s:e], dtype=_F32)
-        oblocks[s:e] = chunk_fn(xb)
+        oblocks[s:e] = chunk_fn(xb, be)
     return out
 
 
-def quantize_q4_k(x: np.ndarray) -> np.ndarray:
+def quantize_q4_k(x: np.ndarray, backend: str | None = None) -> np.ndarray:
     """Q4_K blocks (144 bytes per 256 weights) of a (n_rows, n_cols) float32 array."""
-    return _quantize(x, _q4_k_chunk, 144, "Q4_K")
+    return _quantize(x, _q4_k_chunk, 144, "Q4_K", backend)
 
 
-def quantize_q5_k(x: np.ndarray) -> np.ndarray:
+def quantize_q5_k(x: np.ndarray, backend: str | None = None) -> np.ndarray:
     """Q5_K blocks (176 bytes per 256 weights) of a (n_rows, n_cols) float32 array."""
-    return _quantize(x, _q5_k_chunk, 176, "Q5_K")
+    return _quantize(x, _q5_k_chunk, 176, "Q5_K", backend)
 
 
-def quantize_q6_k(x: np.ndarray) -> np.ndarray:
+def quantize_q6_k(x: np.ndarray, backend: str | None = None) -> np.ndarray:
     """Q6_K blocks (210 bytes per 256 weights) of a (n_rows, n_cols) float32 array."""
-    return _quantize(x, _q6_k_chunk, 210, "Q6_K")
+    return _quantize(x, _q6_k_chunk, 210, "Q6_K", backend)
 
 
-QUANTIZERS: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+QUANTIZERS: dict[str, Callable[..., np.ndarray]] = {
     "Q4_K": quantize_q4_k,
     "Q5_K": quantize_q5_k,
     "Q6_K": quantize_q6_k,
