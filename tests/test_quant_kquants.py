@@ -185,6 +185,23 @@ def test_backends_agree(type_name: str) -> None:
         assert np.array_equal(fn(x, backend="numpy"), fn(x, backend="numba")), name
 
 
+@pytest.mark.skipif(not kq.numba_available(), reason="numba not installed")
+@pytest.mark.parametrize("type_name", TYPES)
+def test_numba_scalar_fallback_agrees(type_name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The one-sub-block-at-a-time numba kernels (used when the vectorised ones
+    decline a chunk) give the same bytes."""
+    from lora2gguf.quant import _kq_numba
+
+    fn = getattr(kq, f"quantize_{type_name.lower()}")
+    xs = _distributions(seed=9, n_rows=4, n_cols=512)
+    fast = {k: fn(v, backend="numba") for k, v in xs.items()}
+    monkeypatch.setattr(_kq_numba, "qkx2_search_vec", lambda *a: False)
+    monkeypatch.setattr(_kq_numba, "qx_rmse1_search_vec", lambda *a: False)
+    for k, v in xs.items():
+        assert np.array_equal(fn(v, backend="numba"), fast[k]), k
+        assert np.array_equal(fn(v, backend="numpy"), fast[k]), k
+
+
 def test_backend_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LORA2GGUF_KQUANTS_BACKEND", "numpy")
     assert kq.resolve_backend() == "numpy"

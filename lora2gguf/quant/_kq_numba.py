@@ -20,7 +20,7 @@ _ONE = np.float32(1.0)
 _EPS = np.float32(1e-15)
 
 
-@njit(inline="always", cache=True)
+@njit(inline="always", cache=True, error_model="numpy")
 def _nearest_int(v, fbuf, ibuf):  # pragma: no cover - compiled
     """ggml nearest_int for a float32 scalar; fbuf/ibuf: a 1-float buffer and its int32 view."""
     r = v + _MAGIC
@@ -31,7 +31,7 @@ def _nearest_int(v, fbuf, ibuf):  # pragma: no cover - compiled
     return np.int64(ibuf[0] & 0x7FFFFF) - 0x400000
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, error_model="numpy")
 def qkx2_search(X, nmax, rmin, rdelta, nstep, scales, the_mins, L):  # pragma: no cover - compiled
     """Weights av_x + |x| and make_qkx2_quants for every row of X (S, n) float32.
 
@@ -119,7 +119,7 @@ def qkx2_search(X, nmax, rmin, rdelta, nstep, scales, the_mins, L):  # pragma: n
         scales[s] = scale
 
 
-@njit(nogil=True, cache=True)
+@njit(nogil=True, cache=True, error_model="numpy")
 def qx_rmse1_search(X, nmax, scales, L):  # pragma: no cover - compiled
     """make_qx_quants(n, nmax, x, L, rmse_type=1, NULL) for every row of X (S, n) float32.
 
@@ -177,3 +177,225 @@ def qx_rmse1_search(X, nmax, scales, L):  # pragma: no cover - compiled
                 scale = sumlx / suml2
                 best = scale * sumlx
         scales[s] = scale
+
+
+# --------------------------------------------------------------------------- SIMD-friendly variants
+# Same arithmetic, but the innermost loop runs across sub-blocks (columns of a
+# position-major (n, S) array), so LLVM vectorises it; per-sub-block state
+# lives in (S,) arrays and every decision is taken per column afterwards.
+# nearest_int is the float form (v + 1.5*2**23) - 1.5*2**23, equal to the C
+# trick while |v| < 2**22; a kernel returns False when a bound says some v
+# could leave that range (then the caller uses the scalar kernel above).
+
+_SAFE = np.float32(2097152.0)  # 2**21: half the exact range, margin for rounding of the bound
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def qkx2_search_vec(XT, nmax, rmin, rdelta, nstep, scales, the_mins, LT):  # pragma: no cover - compiled
+    """Vectorised twin of qkx2_search on XT (n, S); fills LT (n, S). False: use the scalar kernel."""
+    n, S = XT.shape
+    nmaxf = np.float32(nmax)
+    rminf = np.float32(rmin)
+    rdeltaf = np.float32(rdelta)
+    nf = np.float32(n)
+    W = np.empty((n, S), dtype=np.float32)
+    sum_x2 = np.zeros(S, dtype=np.float32)
+    for i in range(n):
+        for s in range(S):
+            sum_x2[s] = sum_x2[s] + XT[i, s] * XT[i, s]
+    av_x = np.empty(S, dtype=np.float32)
+    for s in range(S):
+        av_x[s] = np.sqrt(sum_x2[s] / nf)
+    for i in range(n):
+        for s in range(S):
+            W[i, s] = av_x[s] + abs(XT[i, s])
+    xmin = XT[0].copy()
+    xmax = XT[0].copy()
+    sum_w = W[0].copy()
+    sum_x = np.empty(S, dtype=np.float32)
+    for s in range(S):
+        sum_x[s] = W[0, s] * XT[0, s]
+    for i in range(1, n):
+        for s in range(S):
+            v = XT[i, s]
+            xmin[s] = v if v < xmin[s] else xmin[s]
+            xmax[s] = v if v > xmax[s] else xmax[s]
+            sum_w[s] = sum_w[s] + W[i, s]
+            sum_x[s] = sum_x[s] + W[i, s] * v
+    mn = np.empty(S, dtype=np.float32)
+    for s in range(S):
+        mn[s] = _ZERO if xmin[s] > _ZERO else xmin[s]
+    const = np.empty(S, dtype=np.bool_)
+    for s in range(S):
+        const[s] = xmax[s] == mn[s]
+    isc = np.empty(S, dtype=np.float32)
+    scale = np.empty(S, dtype=np.float32)
+    best_error = np.zeros(S, dtype=np.float32)
+    best_isc = np.empty(S, dtype=np.float32)
+    best_mn = mn.copy()
+    ts = np.empty(S, dtype=np.float32)
+    tm = np.empty(S, dtype=np.float32)
+    ok = np.empty(S, dtype=np.bool_)
+    sl = np.empty(S, dtype=np.float32)
+    sl2 = np.empty(S, dtype=np.float32)
+    sxl = np.empty(S, dtype=np.float32)
+    err = np.empty(S, dtype=np.float32)
+    for c in range(-1, nstep + 1):
+        # c == -1: the initial iscale = nmax/(max - min); then the nstep+1 candidates
+        if c < 0:
+            num = nmaxf
+        else:
+            num = rminf + rdeltaf * np.float32(c) + nmaxf
+        for s in range(S):
+            if const[s]:
+                isc[s] = _ZERO
+                continue
+            isc[s] = num / (xmax[s] - mn[s])
+            span = max(abs(xmax[s] - mn[s]), abs(xmin[s] - mn[s]))
+            if not abs(isc[s]) * span < _SAFE:  # also catches inf / nan
+                return False
+        if c < 0:
+            for s in range(S):
+                scale[s] = _ONE / isc[s]
+                best_isc[s] = isc[s]
+                ts[s] = scale[s]
+                tm[s] = mn[s]
+        else:
+            for s in range(S):
+                sl[s] = _ZERO
+                sl2[s] = _ZERO
+                sxl[s] = _ZERO
+            for i in range(n):
+                for s in range(S):
+                    r = (isc[s] * (XT[i, s] - mn[s]) + _MAGIC) - _MAGIC
+                    r = _ZERO if r < _ZERO else r
+                    r = nmaxf if r > nmaxf else r
+                    wl = W[i, s] * r
+                    sl[s] = sl[s] + wl
+                    sl2[s] = sl2[s] + wl * r
+                    sxl[s] = sxl[s] + wl * XT[i, s]
+            for s in range(S):
+                D = sum_w[s] * sl2[s] - sl[s] * sl[s]
+                ok[s] = D > _ZERO and not const[s]
+                if ok[s]:
+                    t_scale = (sum_w[s] * sxl[s] - sum_x[s] * sl[s]) / D
+                    t_min = (sl2[s] * sum_x[s] - sl[s] * sxl[s]) / D
+                    if t_min > _ZERO:
+                        t_min = _ZERO
+                        t_scale = sxl[s] / sl2[s]
+                    ts[s] = t_scale
+                    tm[s] = t_min
+                else:
+                    ts[s] = _ZERO
+                    tm[s] = _ZERO
+        for s in range(S):
+            err[s] = _ZERO
+        for i in range(n):
+            for s in range(S):
+                r = (isc[s] * (XT[i, s] - mn[s]) + _MAGIC) - _MAGIC
+                r = _ZERO if r < _ZERO else r
+                r = nmaxf if r > nmaxf else r
+                diff = ts[s] * r + tm[s] - XT[i, s]
+                err[s] = err[s] + W[i, s] * (diff * diff)
+        if c < 0:
+            for s in range(S):
+                best_error[s] = err[s]
+        else:
+            for s in range(S):
+                if ok[s] and err[s] < best_error[s]:
+                    best_error[s] = err[s]
+                    scale[s] = ts[s]
+                    best_isc[s] = isc[s]
+                    best_mn[s] = mn[s]
+                    mn[s] = tm[s]
+    for i in range(n):
+        for s in range(S):
+            r = (best_isc[s] * (XT[i, s] - best_mn[s]) + _MAGIC) - _MAGIC
+            r = _ZERO if r < _ZERO else r
+            r = nmaxf if r > nmaxf else r
+            LT[i, s] = 0 if const[s] else np.uint8(r)
+    for s in range(S):
+        scales[s] = _ZERO if const[s] else scale[s]
+        the_mins[s] = -mn[s]
+    return True
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def qx_rmse1_search_vec(XT, nmax, scales, LT):  # pragma: no cover - compiled
+    """Vectorised twin of qx_rmse1_search on XT (n, S); fills LT (n, S). False: use the scalar kernel."""
+    n, S = XT.shape
+    nmaxf = np.float32(nmax)
+    lo = np.float32(-nmax)
+    hi = np.float32(nmax - 1)
+    tenth = np.float32(0.1)
+    amax = np.zeros(S, dtype=np.float32)
+    vmax = np.zeros(S, dtype=np.float32)
+    for i in range(n):
+        for s in range(S):
+            ax = abs(XT[i, s])
+            if ax > amax[s]:
+                amax[s] = ax
+                vmax[s] = XT[i, s]
+    zero = np.empty(S, dtype=np.bool_)
+    for s in range(S):
+        zero[s] = amax[s] < _EPS
+    W = np.empty((n, S), dtype=np.float32)
+    WX = np.empty((n, S), dtype=np.float32)
+    for i in range(n):
+        for s in range(S):
+            w = XT[i, s] * XT[i, s]
+            W[i, s] = w
+            WX[i, s] = w * XT[i, s]
+    isc = np.empty(S, dtype=np.float32)
+    best_isc = np.empty(S, dtype=np.float32)
+    best = np.empty(S, dtype=np.float32)
+    sumlx = np.empty(S, dtype=np.float32)
+    suml2 = np.empty(S, dtype=np.float32)
+    for c in range(-10, 10):
+        # c == -10: the initial iscale = -nmax/max; then is = -9..9 without 0
+        if c == 0:
+            continue
+        if c == -10:
+            num = -nmaxf
+        else:
+            num = -(nmaxf + tenth * np.float32(c))
+        for s in range(S):
+            if zero[s]:
+                isc[s] = _ZERO
+                continue
+            isc[s] = num / vmax[s]
+            if not abs(isc[s]) * amax[s] < _SAFE:
+                return False
+        for s in range(S):
+            sumlx[s] = _ZERO
+            suml2[s] = _ZERO
+        for i in range(n):
+            for s in range(S):
+                r = (isc[s] * XT[i, s] + _MAGIC) - _MAGIC
+                r = lo if r < lo else r
+                r = hi if r > hi else r
+                sumlx[s] = sumlx[s] + WX[i, s] * r
+                suml2[s] = suml2[s] + W[i, s] * r * r
+        if c == -10:
+            for s in range(S):
+                sc = sumlx[s] / suml2[s] if suml2[s] != _ZERO else _ZERO
+                scales[s] = sc
+                best[s] = sc * sumlx[s]
+                best_isc[s] = isc[s]
+        else:
+            for s in range(S):
+                if suml2[s] > _ZERO and sumlx[s] * sumlx[s] > best[s] * suml2[s]:
+                    sc = sumlx[s] / suml2[s]
+                    scales[s] = sc
+                    best[s] = sc * sumlx[s]
+                    best_isc[s] = isc[s]
+    for i in range(n):
+        for s in range(S):
+            r = (best_isc[s] * XT[i, s] + _MAGIC) - _MAGIC
+            r = lo if r < lo else r
+            r = hi if r > hi else r
+            LT[i, s] = 0 if zero[s] else np.uint8(r + nmaxf)
+    for s in range(S):
+        if zero[s]:
+            scales[s] = _ZERO
+    return True

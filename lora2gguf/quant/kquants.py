@@ -49,8 +49,8 @@ _GROUP_MAX_EPS = np.float32(1e-15)
 # super-blocks processed together: the (positions, sub-blocks) temporaries of
 # one chunk then stay in the 512 KiB L2 cache of one core
 _CHUNK_SUPERBLOCKS = 128
-# the numba kernels keep one sub-block in registers; chunks only bound the numpy temporaries
-_CHUNK_SUPERBLOCKS_NUMBA = 1024
+# numba kernels: (positions, sub-blocks) state of one chunk stays in L1/L2
+_CHUNK_SUPERBLOCKS_NUMBA = 64
 
 
 # --------------------------------------------------------------------------- helpers
@@ -301,14 +301,18 @@ def _search_qkx(
     Returns scales (S,), mins (S,) and the search's levels as an (S, 32) array.
     """
     S = xb.shape[0] * 8
+    X = np.ascontiguousarray(xb.reshape(S, 32).T)  # (32, S): position-major for ordered sums
     if backend == "numba":
         nbk = _numba_kernels()
         scales = np.empty(S, dtype=_F32)
         mins = np.empty(S, dtype=_F32)
+        LT = np.empty((32, S), dtype=np.uint8)
+        if nbk.qkx2_search_vec(X, nmax, rmin, rdelta, nstep, scales, mins, LT):
+            return scales, mins, LT.T
+        # some value may leave nearest_int's exact range: one sub-block at a time, like C
         L = np.empty((S, 32), dtype=np.uint8)
         nbk.qkx2_search(xb.reshape(S, 32), nmax, rmin, rdelta, nstep, scales, mins, L)
         return scales, mins, L
-    X = np.ascontiguousarray(xb.reshape(S, 32).T)  # (32, S): position-major for ordered sums
     sum_x2 = _osum(X * X)
     av_x = np.sqrt(sum_x2 / _F32(32))
     W = np.abs(X)
@@ -397,15 +401,20 @@ def _q5_k_chunk(xb: np.ndarray, backend: str) -> np.ndarray:
 def _q6_k_chunk(xb: np.ndarray, backend: str) -> np.ndarray:
     nb = xb.shape[0]
     S = nb * 16
+    X = np.ascontiguousarray(xb.reshape(S, 16).T)  # (16, S)
     if backend == "numba":
+        nbk = _numba_kernels()
         scales = np.empty(S, dtype=_F32)
-        Lsearch = np.empty((S, 16), dtype=np.uint8)
-        _numba_kernels().qx_rmse1_search(xb.reshape(S, 16), 32, scales, Lsearch)
+        LT = np.empty((16, S), dtype=np.uint8)
+        if nbk.qx_rmse1_search_vec(X, 32, scales, LT):
+            Lsearch = LT.T
+        else:  # non-finite values: one sub-block at a time, like C
+            Lsearch = np.empty((S, 16), dtype=np.uint8)
+            nbk.qx_rmse1_search(xb.reshape(S, 16), 32, scales, Lsearch)
     else:
-        X = np.ascontiguousarray(xb.reshape(S, 16).T)  # (16, S)
         scales, Lsearch = _make_qx_quants_rmse1(X, 32)
         Lsearch = Lsearch.T
-        del X
+    del X
     sc = scales.reshape(nb, 16)
     asc = np.abs(sc)
     imax = np.argmax(asc, axis=1)
