@@ -135,6 +135,7 @@ def _make_qkx2_quants(
         iscale = _F32(nmax) / rng
         scale = _F32(1) / iscale
         ratio = _span_ratio(xmin, xmax, mn, rng, const)
+        rng_pos = bool(np.all((rng > 0) | const))
         np.subtract(X, mn, out=t)
         t *= iscale
         L = _nearest_clamped_f32(t, lo, hi, not _rint_safe(_F32(nmax), ratio))
@@ -157,7 +158,10 @@ def _make_qkx2_quants(
             if _rint_safe(num, ratio):
                 np.rint(t, out=t)
                 np.maximum(t, lo, out=t)
-                np.minimum(t, hi, out=t)
+                # with max - min > 0, t <= iscale*(max - min) ~ num (+2 roundings):
+                # no level above nmax unless num is close to nmax + 0.5
+                if not rng_pos or num > _F32(nmax) + _F32(0.25):
+                    np.minimum(t, hi, out=t)
             else:
                 t[...] = _nearest_clamped_f32(t, lo, hi, True)
             np.multiply(W, t, out=buf[0])
@@ -188,6 +192,7 @@ def _make_qkx2_quants(
                 mn = np.where(win, this_min, mn)
                 rng = xmax - mn
                 ratio = _span_ratio(xmin, xmax, mn, rng, const)
+                rng_pos = bool(np.all((rng > 0) | const))
 
     # rebuild the winning levels (exact nearest_int; the trial used the same arithmetic)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
