@@ -328,6 +328,8 @@ def merge_adapter(
         "trust_remote_code": trust_remote_code,
         "use_safetensors": base_w.kind == "safetensors",
     }
+    if dev.startswith("cuda"):
+        load_kwargs["device_map"] = dev  # straight onto the GPU, without a full copy in host memory first
 
     with Timer() as total, PeakMemory(cuda=dev.startswith("cuda")) as mem:
         with Timer() as t:
@@ -404,7 +406,10 @@ def merge_adapter(
                 copied = _copy_tokenizer(tok_src, tmp)
                 weights = _check_output_safetensors(tmp)
             timings["save_s"] = t.seconds
-            del merged
+            # `model` is the same module as `merged`; drop every reference so the reload below does not
+            # hold two copies of the weights at once.
+            del merged, model
+            _release_memory()
             with Timer() as t:
                 # Verify the artifact itself, not the in-memory model: a save that drops or unties a
                 # tensor would otherwise pass unnoticed.
@@ -499,6 +504,16 @@ def merge_adapter(
     if report is not None:
         write_json(report, result)
     return result
+
+
+def _release_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _saved_tensor_names(folder: Path) -> list[str]:

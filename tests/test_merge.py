@@ -137,7 +137,9 @@ def plain_merge(
 ) -> tuple[Path, dict]:
     root = tmp_path_factory.mktemp("merged")
     out = root / "tiny-merged"
-    report = merge_adapter(tiny_base, plain_adapter, out, report=root / "merge_report.json", eval_text=eval_text)
+    report = merge_adapter(
+        tiny_base, plain_adapter, out, report=root / "merge_report.json", eval_text=eval_text, device="cpu"
+    )
     return out, report
 
 
@@ -569,3 +571,24 @@ def test_trained_demo_run_merges(tmp_path: Path, tiny_base: Path, tiny_run: Path
     assert report["verification"]["max_abs_logit_delta"] <= report["verification"]["tolerance"]["max_abs_logit_delta"]
     assert report["output"]["tokenizer_source"] == str(tiny_run)
     assert report["base_check"]["shapes_match"] is True
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@pytest.mark.skipif(not _cuda_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cuda_merge(tmp_path: Path, tiny_base: Path, plain_adapter: Path, eval_text: Path, dtype: str) -> None:
+    from safetensors.torch import load_file
+
+    cpu = merge_adapter(tiny_base, plain_adapter, tmp_path / "cpu", device="cpu", dtype=dtype, eval_text=eval_text)
+    gpu = merge_adapter(tiny_base, plain_adapter, tmp_path / "gpu", device="auto", dtype=dtype, eval_text=eval_text)
+    assert gpu["settings"]["device"] == "cuda" and gpu["verification"]["passed"]
+    assert gpu["memory"]["cuda_peak_allocated_mb"] > 0 and cpu["memory"]["cuda_peak_allocated_mb"] is None
+    assert gpu["device_info"]["gpu"]
+    a, b = load_file(tmp_path / "cpu" / "model.safetensors"), load_file(tmp_path / "gpu" / "model.safetensors")
+    worst = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+    assert worst < (1e-5 if dtype == "float32" else 2e-2)
