@@ -44,14 +44,14 @@ rule build_demo_lora_run:
         eval="resources/demo/data/eval.jsonl",
     output:
         directory("resources/demo/runs/{run}"),
-    params:
-        run=lambda w: config["demo"]["runs"][w.run],
-        data="resources/demo/data",
-    threads: 2
     log:
         "logs/build_demo_lora_run/{run}.log",
     benchmark:
         "benchmarks/build_demo_lora_run/{run}.tsv"
+    threads: 2
+    params:
+        run=lambda w: config["demo"]["runs"][w.run],
+        data="resources/demo/data",
     shell:
         "lora2gguf demo train --base {input.base} --out {output} --data {params.data}"
         " --r {params.run[r]} --alpha {params.run[alpha]} --lr {params.run[lr]}"
