@@ -212,9 +212,7 @@ def test_backend_choice(monkeypatch: pytest.MonkeyPatch) -> None:
         kq.resolve_backend("cuda")
 
 
-@pytest.mark.parametrize(
-    "type_name,max_rel_rmse", [("Q4_K", 0.085), ("Q5_K", 0.043), ("Q6_K", 0.021)]
-)
+@pytest.mark.parametrize("type_name,max_rel_rmse", [("Q4_K", 0.085), ("Q5_K", 0.043), ("Q6_K", 0.021)])
 def test_dequantized_round_trip(type_name: str, max_rel_rmse: float) -> None:
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
