@@ -161,7 +161,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def _convert(model_dir: Path, out: Path) -> Path:
-    result = _cli("convert", "--model", str(model_dir), "--out", str(out), "--outtype", "f16")
+    result = _cli("convert", str(model_dir), str(out), "--outtype", "f16", "--no-progress")
     if "invalid choice: 'convert'" in result.stderr:
         pytest.skip("lora2gguf convert is not available yet")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -209,7 +209,7 @@ def _assert_finite(obj: Any, where: str = "report") -> None:
         for key, value in obj.items():
             if value is None:
                 explained = any(k.endswith("reason") and obj.get(k) for k in obj) or key in {
-                    "cuda_peak_allocated_mb", "sidecar", "sidecar_missing_reason", "gpu", "cuda", "general_file_type",
+                    "cuda_peak_allocated_mb", "sidecar", "sidecar_missing_reason", "sidecar_matches_file", "gpu", "cuda", "general_file_type",
                 }
                 assert explained, f"{where}.{key} is null without a reason"
             _assert_finite(value, f"{where}.{key}")

@@ -36,6 +36,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--generation", help="generation settings (only max_new_tokens is used: decoding is greedy)")
     parser.add_argument("--max-new-tokens", type=int, help="override generation.max_new_tokens")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="llama.cpp threads")
+    parser.add_argument(
+        "--speed-repeats", type=int, default=3, help="prompt-processing timing runs per file (median reported)"
+    )
     parser.add_argument("--device", default="cpu", help="device of the PyTorch reference: cpu, cuda, auto")
     parser.add_argument("--out", required=True, type=Path, help="report path (compare_models.json)")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow model code from the folder")
@@ -113,17 +116,26 @@ def _generation_and_speed(
     bench_ids: list[int],
     max_new: int,
     threads: int,
+    repeats: int,
 ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    import numpy as np
+
     from lora2gguf.evaluate import metrics
     from lora2gguf.evaluate.runtime import LlamaRuntime
 
     n_ctx = max(len(bench_ids), max(len(ids) for ids in prompt_ids) + max_new)
     with LlamaRuntime(path, n_ctx=n_ctx, n_threads=threads, logits_all=False) as rt:
         facts = {"llama_model_size_bytes": rt.model_size_bytes(), "llama_n_params": rt.n_params()}
-        rt.time_prompt(bench_ids[: min(8, len(bench_ids))])  # warm-up: first use allocates the graph
-        rt.perf_reset()
-        prompt_wall = rt.time_prompt(bench_ids)
-        pp = rt.perf()
+        rt.time_prompt(bench_ids)  # warm-up: the first pass allocates buffers and the compute graph
+        # Repeated, median taken: one pass is easily disturbed by other processes on a shared CPU.
+        pp_rates, pp_walls = [], []
+        for _ in range(repeats):
+            rt.perf_reset()
+            wall = rt.time_prompt(bench_ids)
+            pp = rt.perf()
+            pp_walls.append(wall)
+            if pp.prompt_ms > 0:
+                pp_rates.append(pp.prompt_tokens / (pp.prompt_ms / 1000))
         rt.perf_reset()
         cases = []
         gen_wall = 0.0
@@ -145,12 +157,16 @@ def _generation_and_speed(
     speed = {
         "threads": threads,
         "prompt_tokens": pp.prompt_tokens,
-        "prompt_tokens_per_s": pp.prompt_tokens / (pp.prompt_ms / 1000) if pp.prompt_ms > 0 else None,
-        "prompt_tokens_per_s_wall": len(bench_ids) / prompt_wall if prompt_wall > 0 else None,
+        "prompt_repeats": repeats,
+        "prompt_tokens_per_s": float(np.median(pp_rates)) if pp_rates else None,
+        "prompt_tokens_per_s_runs": pp_rates,
+        "prompt_tokens_per_s_wall": len(bench_ids) / float(np.median(pp_walls)),
         "generated_tokens": tg.generated_tokens,
         "generation_tokens_per_s": tg.generated_tokens / (tg.generation_ms / 1000) if tg.generation_ms > 0 else None,
         "generation_tokens_per_s_wall": tg.generated_tokens / gen_wall if gen_wall > 0 else None,
         "source": "llama_perf_context timers (compute only); *_wall adds the Python loop around it",
+        # Speed is only comparable between runs on an otherwise idle machine: record how busy it was.
+        "load_average_1min": os.getloadavg()[0],
     }
     n = len(cases)
     total_ref = sum(c["reference_tokens"] for c in cases)
@@ -186,6 +202,8 @@ def run(args: argparse.Namespace) -> int:
     max_new = args.max_new_tokens or gen.max_new_tokens
     if args.threads < 1:
         raise Lora2ggufError(f"--threads {args.threads}: must be at least 1")
+    if args.speed_repeats < 1:
+        raise Lora2ggufError(f"--speed-repeats {args.speed_repeats}: must be at least 1")
     reference.check_model_dir(args.reference, args.allow_pickle)
     for path in args.gguf:
         if not path.is_file():
@@ -219,7 +237,7 @@ def run(args: argparse.Namespace) -> int:
         with Timer() as timer:
             quality = _quality(path, ref, windows, evaluation.context, args.threads)
             generation, speed, runtime_facts = _generation_and_speed(
-                path, ref, tokenizer, prompts, prompt_ids, windows[0], max_new, args.threads
+                path, ref, tokenizer, prompts, prompt_ids, windows[0], max_new, args.threads, args.speed_repeats
             )
         sidecar = gguf_facts.read_sidecar(path)
         entry = {
@@ -233,6 +251,9 @@ def run(args: argparse.Namespace) -> int:
             "tensor_types": facts["tensor_types"],
             "sidecar": sidecar,
             "sidecar_missing_reason": None if sidecar else f"no {gguf_facts.sidecar_path(path).name} next to the file",
+            # The quantizer's own count of tensors per type must match what the file holds.
+            "sidecar_matches_file": None if not sidecar or "tensor_types" not in sidecar
+            else sidecar["tensor_types"] == facts["tensor_types"],
             "perplexity": quality["perplexity"],
             "perplexity_ratio": quality["perplexity"] / ref_ppl,
             "kl_divergence": quality["kl_divergence"],

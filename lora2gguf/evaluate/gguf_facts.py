@@ -85,4 +85,7 @@ def read_sidecar(gguf_path: Path) -> dict[str, Any] | None:
     if not isinstance(data, dict):
         raise Lora2ggufError(f"{path}: expected a JSON object (quantizer sidecar)")
     picked = {key: data[key] for key in _SIDECAR_KEYS if key in data}
+    if isinstance(picked.get("fallbacks"), dict):
+        # The per-tensor list stays in the sidecar; the comparison keeps the count and the changes.
+        picked["fallbacks"] = {k: v for k, v in picked["fallbacks"].items() if k != "tensors"}
     return {"path": str(path), "sha256": sha256_file(path), **picked}

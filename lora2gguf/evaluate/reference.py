@@ -163,21 +163,24 @@ def greedy(model: Any, ids: list[int], max_new_tokens: int, stop_ids: list[int])
     minimum length, forced tokens from generation_config.json) and matches the llama.cpp loop
     step for step.
     """
+    import inspect
+
     import torch
 
     device = next(model.parameters()).device
+    # transformers 5 renamed the KV-cache argument and output field from past_key_values to cache.
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     out: list[int] = []
     stop = set(stop_ids)
     with torch.inference_mode():
         result = model(torch.tensor([ids], device=device), use_cache=True)
-        past = result.past_key_values
         for _ in range(max_new_tokens):
             token = int(result.logits[0, -1].argmax())
             out.append(token)
             if token in stop:
                 break
-            result = model(torch.tensor([[token]], device=device), past_key_values=past, use_cache=True)
-            past = result.past_key_values
+            past = getattr(result, name)
+            result = model(torch.tensor([[token]], device=device), use_cache=True, **{name: past})
     return out
 
 
