@@ -56,6 +56,13 @@ def _distributions(seed: int, n_rows: int, n_cols: int) -> dict[str, np.ndarray]
     # near-constant blocks far from zero: the min/scale search degenerates
     out["near_constant_offset"] = (np.float32(1000) + g * np.float32(1e-4)).astype(np.float32)
     out["two_levels"] = np.where(g > 0, np.float32(2), np.float32(2.0000002)).astype(np.float32)
+    # corrupt weights: llama.cpp quantizes them without complaint, so must we, identically
+    bad = out["gaussian"].copy()
+    bad[0, 3] = np.nan
+    bad[1, n_cols - 5] = np.inf
+    bad[2, 7] = -np.inf
+    bad[3, :] = np.float32(3e38)
+    out["non_finite_and_huge"] = bad
     # fp16-rounded values, as read from an F16 GGUF
     out["from_f16"] = (rng.standard_normal((n_rows, n_cols)) * 0.03).astype(np.float16).astype(np.float32)
     return out
@@ -159,7 +166,9 @@ def test_matches_scalar_transcription(type_name: str, backend: str) -> None:
         x = x[[0, 3]]  # rows 0 and 3 carry the zero / near-constant corner cases (slow reference)
         ours = getattr(kq, f"quantize_{type_name.lower()}")(x, backend=backend)
         for r in range(x.shape[0]):
-            assert ours[r].tobytes() == block(x[r]), f"{type_name} {name} row {r}"
+            with np.errstate(all="ignore"):  # the corrupt-weights case overflows, as in C
+                expected = block(x[r])
+            assert ours[r].tobytes() == expected, f"{type_name} {name} row {r}"
 
 
 # --------------------------------------------------------------------------- layout and quality via gguf-py

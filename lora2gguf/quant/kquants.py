@@ -90,6 +90,46 @@ def _nearest_clamped_f32(
     return t
 
 
+def _running_min_max(X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per column: C's `min = x[0]; if (x[i] < min) min = x[i]` (and max) over axis 0.
+
+    Equal to X.min/X.max except with NaNs, which the C comparisons skip
+    (numpy's min would propagate them); the loop runs only when a NaN is present.
+    """
+    if not np.isnan(X).any():
+        return X.min(axis=0), X.max(axis=0)
+    mn = X[0].copy()
+    mx = X[0].copy()
+    for i in range(1, X.shape[0]):
+        np.copyto(mn, X[i], where=X[i] < mn)
+        np.copyto(mx, X[i], where=X[i] > mx)
+    return mn, mx
+
+
+def _first_abs_max(A: np.ndarray, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per column of A = |X|: C's `amax = 0; if (A[i] > amax) { amax = A[i]; max = X[i]; }`.
+
+    Returns (amax, X at that index); zeros where nothing exceeds 0.
+    """
+    if not np.isnan(A).any():
+        imax = np.argmax(A, axis=0)  # first index of the largest, as the strict > loop
+        cols = np.arange(A.shape[1])
+        amax = A[imax, cols]
+        vmax = X[imax, cols]
+        none = ~(amax > 0)
+        if none.any():  # an all-zero column: the loop never fires, max stays +0
+            amax = np.where(none, _F32(0), amax)
+            vmax = np.where(none, _F32(0), vmax)
+        return amax, vmax
+    amax = np.zeros(A.shape[1], dtype=_F32)
+    vmax = np.zeros(A.shape[1], dtype=_F32)
+    for i in range(A.shape[0]):
+        upd = A[i] > amax
+        np.copyto(amax, A[i], where=upd)
+        np.copyto(vmax, X[i], where=upd)
+    return amax, vmax
+
+
 def _osum(a: np.ndarray) -> np.ndarray:
     """Sum over axis 0 in index order (float32), like a C accumulation loop."""
     return np.add.reduce(a, axis=0)
@@ -114,8 +154,7 @@ def _make_qkx2_quants(
     (llama.cpp keeps them for sub-blocks whose packed scale rounds to zero).
     """
     n, S = X.shape
-    xmin = X.min(axis=0)
-    xmax = X.max(axis=0)
+    xmin, xmax = _running_min_max(X)
     sum_w = _osum(W)
     sum_x = _osum(W * X)
     # ggml: if (min > 0) min = 0  (a fresh +0.0 either way)
@@ -235,10 +274,7 @@ def _make_qx_quants_rmse1(X: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndar
     """
     n, S = X.shape
     ax = np.abs(X)
-    imax = np.argmax(ax, axis=0)  # first index of the largest |x|, as the strict > loop
-    cols = np.arange(S)
-    amax = ax[imax, cols]
-    vmax = X[imax, cols]
+    amax, vmax = _first_abs_max(ax, X)
     zero = amax < _GROUP_MAX_EPS
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         # WXW[0] = w*x, WXW[1] = w with w = x*x: one multiply by l gives both
@@ -316,9 +352,10 @@ def _search_qkx(
         scales = np.empty(S, dtype=_F32)
         mins = np.empty(S, dtype=_F32)
         LT = np.empty((32, S), dtype=np.uint8)
-        if nbk.qkx2_search_vec(X, nmax, rmin, rdelta, nstep, scales, mins, LT):
+        if np.isfinite(X).all() and nbk.qkx2_search_vec(X, nmax, rmin, rdelta, nstep, scales, mins, LT):
             return scales, mins, LT.T
-        # some value may leave nearest_int's exact range: one sub-block at a time, like C
+        # non-finite values, or some value may leave nearest_int's exact range:
+        # one sub-block at a time, like C
         L = np.empty((S, 32), dtype=np.uint8)
         nbk.qkx2_search(xb.reshape(S, 32), nmax, rmin, rdelta, nstep, scales, mins, L)
         return scales, mins, L
@@ -343,8 +380,9 @@ def _qkx_superblocks(
 
     sc = scales.reshape(nb, 8)
     mi = mins.reshape(nb, 8)
-    ms = sc.max(axis=1)
-    mm = mi.max(axis=1)
+    # fmax: the C loop's `if (scale > max_scale)` never takes a NaN
+    ms = np.fmax.reduce(sc, axis=1)
+    mm = np.fmax.reduce(mi, axis=1)
     # loop starts from 0 and takes strictly larger values: +0.0 when nothing is > 0
     max_scale = np.where(ms > 0, ms, _F32(0))
     max_min = np.where(mm > 0, mm, _F32(0))
@@ -415,7 +453,7 @@ def _q6_k_chunk(xb: np.ndarray, backend: str) -> np.ndarray:
         nbk = _numba_kernels()
         scales = np.empty(S, dtype=_F32)
         LT = np.empty((16, S), dtype=np.uint8)
-        if nbk.qx_rmse1_search_vec(X, 32, scales, LT):
+        if np.isfinite(X).all() and nbk.qx_rmse1_search_vec(X, 32, scales, LT):
             Lsearch = LT.T
         else:  # non-finite values: one sub-block at a time, like C
             Lsearch = np.empty((S, 16), dtype=np.uint8)
@@ -425,11 +463,7 @@ def _q6_k_chunk(xb: np.ndarray, backend: str) -> np.ndarray:
         Lsearch = Lsearch.T
     del X
     sc = scales.reshape(nb, 16)
-    asc = np.abs(sc)
-    imax = np.argmax(asc, axis=1)
-    rows = np.arange(nb)
-    max_abs = asc[rows, imax]
-    max_scale = sc[rows, imax]
+    max_abs, max_scale = _first_abs_max(np.abs(sc).T, sc.T)
     zero_block = ~(max_abs >= _GROUP_MAX_EPS)  # '<' in C; also catches NaN like the loop would leave 0
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         iscale = _F32(-128) / max_scale
@@ -523,10 +557,12 @@ def _quantize(
     oblocks = out.reshape(n_rows * nbr, block_bytes)
     total = blocks.shape[0]
     chunk = _CHUNK_SUPERBLOCKS if be == "numpy" else _CHUNK_SUPERBLOCKS_NUMBA
-    for s in range(0, total, chunk):
-        e = min(total, s + chunk)
-        xb = np.ascontiguousarray(blocks[s:e], dtype=_F32)
-        oblocks[s:e] = chunk_fn(xb, be)
+    # inf/nan/overflow arise by design (C semantics on degenerate blocks); errstate is per thread
+    with np.errstate(all="ignore"):
+        for s in range(0, total, chunk):
+            e = min(total, s + chunk)
+            xb = np.ascontiguousarray(blocks[s:e], dtype=_F32)
+            oblocks[s:e] = chunk_fn(xb, be)
     return out
 
 
