@@ -221,6 +221,22 @@ def test_tokenizer_falls_back_to_base(tmp_path: Path, tiny_base: Path) -> None:
     assert (tmp_path / "out" / "tokenizer.json").read_bytes() == (tiny_base / "tokenizer.json").read_bytes()
 
 
+def test_chat_template_from_base_when_run_tokenizer_lacks_one(tmp_path: Path, tiny_base: Path) -> None:
+    from transformers import AutoTokenizer
+
+    adapter = make_adapter(tiny_base, tmp_path / "ad", targets=["q_proj"])
+    (adapter / "chat_template.jinja").unlink(missing_ok=True)
+    cfg = json.loads((adapter / "tokenizer_config.json").read_text())
+    cfg.pop("chat_template", None)
+    (adapter / "tokenizer_config.json").write_text(json.dumps(cfg))
+    assert AutoTokenizer.from_pretrained(adapter).chat_template is None
+    report = merge_adapter(tiny_base, adapter, tmp_path / "out")
+    assert AutoTokenizer.from_pretrained(tmp_path / "out").chat_template == AutoTokenizer.from_pretrained(
+        tiny_base
+    ).chat_template
+    assert report["output"]["chat_template"] is True and any("chat template" in w for w in report["warnings"])
+
+
 def test_merge_is_byte_identical_across_runs(
     tmp_path: Path, plain_merge: tuple[Path, dict], tiny_base: Path, plain_adapter: Path, eval_text: Path
 ) -> None:
@@ -568,7 +584,8 @@ def test_trained_demo_run_merges(tmp_path: Path, tiny_base: Path, tiny_run: Path
     report = merge_adapter(tiny_base, tiny_run, out, report=report_path, eval_text=eval_text)
     assert json.loads(report_path.read_text()) == report
     assert report["verification"]["top1_agreement"] == 1.0
-    assert report["verification"]["max_abs_logit_delta"] <= report["verification"]["tolerance"]["max_abs_logit_delta"]
+    tolerance = report["verification"]["tolerance"]
+    assert report["verification"]["max_abs_logit_delta"] <= tolerance["effective_max_abs_logit_delta"]
     assert report["output"]["tokenizer_source"] == str(tiny_run)
     assert report["base_check"]["shapes_match"] is True
 
@@ -592,3 +609,39 @@ def test_cuda_merge(tmp_path: Path, tiny_base: Path, plain_adapter: Path, eval_t
     a, b = load_file(tmp_path / "cpu" / "model.safetensors"), load_file(tmp_path / "gpu" / "model.safetensors")
     worst = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
     assert worst < (1e-5 if dtype == "float32" else 2e-2)
+
+
+def test_compare_logits_metrics() -> None:
+    import math
+
+    import torch
+
+    from lora2gguf.merge_verify import TOLERANCES, check_tolerance, compare_logits
+
+    torch.manual_seed(0)
+    ref = torch.randn(2, 5, 11)
+    same = compare_logits(ref, ref.clone())
+    assert same["max_abs_logit_delta"] == 0 and same["mean_kl"] == 0 and same["top1_agreement"] == 1.0
+    assert check_tolerance(same, "float32") == []
+    # A constant shift changes no probability: KL 0, top-1 kept, but |Δlogit| sees it.
+    shifted = compare_logits(ref, ref + 0.5)
+    assert abs(shifted["max_abs_logit_delta"] - 0.5) < 1e-6 and shifted["mean_kl"] < 1e-12
+    assert any("Δlogit" in p for p in check_tolerance(shifted, "float32"))
+    assert check_tolerance(shifted, "bfloat16") == []
+    # Swapping the top two logits at every position: top-1 agreement 0, KL as computed by hand.
+    other = ref.clone().reshape(-1, 11)
+    top2 = other.topk(2, dim=-1).indices
+    rows = torch.arange(other.shape[0])
+    a, b = other[rows, top2[:, 0]].clone(), other[rows, top2[:, 1]].clone()
+    other[rows, top2[:, 0]], other[rows, top2[:, 1]] = b, a
+    flipped = compare_logits(ref, other.reshape(ref.shape))
+    assert flipped["top1_agreement"] == 0.0
+    p = torch.softmax(ref.reshape(-1, 11).double(), -1)
+    q = torch.softmax(other.double(), -1)
+    assert math.isclose(flipped["mean_kl"], float((p * (p / q).log()).sum(-1).mean()), rel_tol=1e-9)
+    assert any("top-1" in msg for msg in check_tolerance(flipped, "bfloat16"))
+    bad = ref.clone()
+    bad[0, 0, 0] = float("nan")
+    nan = compare_logits(ref, bad)
+    assert nan["finite"] is False and check_tolerance(nan, "float32")
+    assert TOLERANCES["float32"].logit_bound(1000.0) == pytest.approx(0.1)
