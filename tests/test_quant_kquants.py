@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 import glob
 import os
 import sys
@@ -157,18 +158,27 @@ def test_byte_identical_to_ggml_larger_gaussian(backend: str) -> None:
 # --------------------------------------------------------------------------- scalar transcription (no llama.cpp needed)
 
 
+@functools.lru_cache(maxsize=None)
+def _scalar_cases(type_name: str) -> tuple[tuple[str, np.ndarray, tuple[bytes, ...]], ...]:
+    """(name, rows, expected bytes per row) from the slow transcription, computed once per type."""
+    block = scalar_ref.BLOCK_FUNCS[type_name]
+    cases = []
+    for name, x in _distributions(seed=3, n_rows=4, n_cols=256).items():
+        x = x[[0, 3]]  # rows 0 and 3 carry the zero / near-constant corner cases (slow reference)
+        with np.errstate(all="ignore"):  # the corrupt-weights case overflows, as in C
+            expected = tuple(block(x[r]) for r in range(x.shape[0]))
+        cases.append((name, x, expected))
+    return tuple(cases)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("type_name", TYPES)
 def test_matches_scalar_transcription(type_name: str, backend: str) -> None:
     """Both backends equal a loop-by-loop float32 transcription, block by block."""
-    block = scalar_ref.BLOCK_FUNCS[type_name]
-    for name, x in _distributions(seed=3, n_rows=4, n_cols=256).items():
-        x = x[[0, 3]]  # rows 0 and 3 carry the zero / near-constant corner cases (slow reference)
+    for name, x, expected in _scalar_cases(type_name):
         ours = getattr(kq, f"quantize_{type_name.lower()}")(x, backend=backend)
-        for r in range(x.shape[0]):
-            with np.errstate(all="ignore"):  # the corrupt-weights case overflows, as in C
-                expected = block(x[r])
-            assert ours[r].tobytes() == expected, f"{type_name} {name} row {r}"
+        for r, exp in enumerate(expected):
+            assert ours[r].tobytes() == exp, f"{type_name} {name} row {r}"
 
 
 # --------------------------------------------------------------------------- layout and quality via gguf-py
