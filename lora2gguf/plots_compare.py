@@ -136,8 +136,19 @@ def plot_speed(report: dict[str, Any], model: str, out: Path) -> None:
         ax.set_ylabel("tokens per second")
         ax.set_title(title)
         ax.tick_params(axis="x", labelrotation=20)
+        ax.grid(False, axis="x")
     threads = sorted({m["speed"]["threads"] for m in points})
     fig.suptitle(f"{model}: llama.cpp CPU speed per type ({', '.join(map(str, threads))} threads)")
+    loads = [m["speed"].get("load_average_1min") for m in points]
+    if all(v is not None for v in loads):
+        cpus = report.get("device_info", {}).get("cpu_count")
+        # Other processes on the machine slow llama.cpp down: show how busy it was while measuring.
+        fig.text(
+            0.5, -0.02,
+            f"1-minute load average while measuring: {min(loads):.1f} to {max(loads):.1f}"
+            + (f" on {cpus} CPUs" if cpus else ""),
+            ha="center", fontsize=9, color=REFERENCE_COLOR,
+        )
     save_figure(fig, out)
     logger.info("wrote %s", out)
 

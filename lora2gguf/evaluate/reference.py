@@ -142,7 +142,8 @@ def chat_prompt_ids(tokenizer: Any, text: str) -> tuple[list[int], bool]:
 
 def text_ids(tokenizer: Any, text: str, max_tokens: int) -> list[int]:
     """The evaluation text as token ids (with the tokenizer's own BOS if it adds one), truncated."""
-    ids = tokenizer(text)["input_ids"]
+    # verbose=False: the whole text may exceed the model's maximum length; only max_tokens are used.
+    ids = tokenizer(text, verbose=False)["input_ids"]
     return [int(i) for i in ids[:max_tokens]]
 
 
