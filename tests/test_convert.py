@@ -134,13 +134,47 @@ def qwen_bf16_dir(tmp_path_factory: pytest.TempPathFactory, qwen_dir: Path) -> P
 
 
 @pytest.fixture(scope="session")
+def qwen_padded_dir(tmp_path_factory: pytest.TempPathFactory, qwen_dir: Path) -> Path:
+    """The tiny Qwen2 with added tokens and an embedding matrix padded beyond the tokenizer (as Qwen2 ships:
+    151,936 rows for 151,665 tokens): a non-special "<think>"/"</think>" pair (user-defined), a non-special
+    "<|tool|>" that looks like a control token, and 61 rows no token uses."""
+    from safetensors.numpy import load_file, save_file
+
+    out = _copy_model(qwen_dir, tmp_path_factory.mktemp("padded") / "tiny-qwen2-padded")
+    tok = json.loads((out / "tokenizer.json").read_text(encoding="utf-8"))
+    next_id = 1 + max(max(tok["model"]["vocab"].values()), *(t["id"] for t in tok["added_tokens"]))
+    for i, (content, special) in enumerate((("<think>", False), ("</think>", False), ("<|tool|>", False))):
+        tok["added_tokens"].append({"id": next_id + i, "content": content, "single_word": False, "lstrip": False,
+                                    "rstrip": False, "normalized": False, "special": special})
+    (out / "tokenizer.json").write_text(json.dumps(tok, ensure_ascii=False, indent=1), encoding="utf-8")
+    # transformers takes added tokens from tokenizer_config.json, so list them there too (as it saves them)
+    tok_cfg = json.loads((out / "tokenizer_config.json").read_text(encoding="utf-8"))
+    for entry in tok["added_tokens"]:
+        tok_cfg["added_tokens_decoder"][str(entry["id"])] = {k: v for k, v in entry.items() if k != "id"}
+    (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg, ensure_ascii=False, indent=1), encoding="utf-8")
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["vocab_size"] = next_id + 64
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    tensors = load_file(out / "model.safetensors")
+    emb = tensors["model.embed_tokens.weight"]
+    rng = np.random.default_rng(1)
+    extra = (rng.standard_normal((cfg["vocab_size"] - emb.shape[0], emb.shape[1])) * 0.02).astype(np.float32)
+    tensors["model.embed_tokens.weight"] = np.concatenate([emb, extra])
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
+@pytest.fixture(scope="session")
 def smol_dir() -> Path:
     if not (SMOLLM2_DIR / "config.json").is_file():
         pytest.skip(f"SmolLM2 demo base not built at {SMOLLM2_DIR} (lora2gguf demo / rules/demo.smk builds it)")
     return SMOLLM2_DIR
 
 
-MODEL_FIXTURES = {"qwen": "qwen_dir", "llama": "llama_dir", "qwen_bf16": "qwen_bf16_dir", "smol": "smol_dir"}
+MODEL_FIXTURES = {
+    "qwen": "qwen_dir", "llama": "llama_dir", "qwen_bf16": "qwen_bf16_dir", "qwen_padded": "qwen_padded_dir",
+    "smol": "smol_dir",
+}
 
 
 @pytest.fixture(scope="session")
@@ -240,6 +274,20 @@ def test_qwen_metadata(tmp_path: Path, qwen_dir: Path) -> None:
     assert summary.tied_embeddings and summary.n_tensors == len(names)
     norm_types = {t[2] for t in tensors if t[0].endswith("_norm.weight") or t[0].endswith(".bias")}
     assert norm_types == {"F32"}
+
+
+def test_padded_vocabulary_and_added_token_types(converted, qwen_padded_dir: Path) -> None:
+    from gguf import TokenType
+
+    f, _ = read_gguf(converted("qwen_padded", "f16"))
+    cfg = json.loads((qwen_padded_dir / "config.json").read_text())
+    tokens, types = f["tokenizer.ggml.tokens"], f["tokenizer.ggml.token_type"]
+    assert len(tokens) == cfg["vocab_size"]
+    kinds = {tokens[i]: types[i] for i in range(len(tokens))}
+    assert kinds["<think>"] == kinds["</think>"] == TokenType.USER_DEFINED
+    assert kinds["<|tool|>"] == kinds["<|im_end|>"] == TokenType.CONTROL
+    assert tokens[-1] == f"[PAD{cfg['vocab_size'] - 1}]" and types[-1] == TokenType.UNUSED
+    assert sum(t == TokenType.UNUSED for t in types) == 61
 
 
 def test_llama_metadata_and_untied_head(converted, llama_dir: Path) -> None:
@@ -491,7 +539,7 @@ def llama_cpp() -> Any:
     return pytest.importorskip("llama_cpp", reason="llama-cpp-python 0.3.36 not installed")
 
 
-@pytest.mark.parametrize("key", ["qwen", "llama", "qwen_bf16"])
+@pytest.mark.parametrize("key", ["qwen", "llama", "qwen_bf16", "qwen_padded"])
 @pytest.mark.parametrize("outtype", ["f32", "f16", "bf16", "q8_0"])
 def test_llama_cpp_loads_without_vocab_warnings(llama_cpp, converted, key: str, outtype: str) -> None:
     path = converted(key, outtype)
@@ -516,7 +564,8 @@ def _prompts(model_dir: Path) -> list[str]:
     from transformers import AutoTokenizer
 
     config = yaml.safe_load((ROOT / "config.yaml").read_text(encoding="utf-8"))
-    texts = [MIXED_TEXT, "", " ", "\n\n", "1234567890 12 3", "  leading spaces and trailing  "]
+    texts = [MIXED_TEXT, "", " ", "\n\n", "1234567890 12 3", "  leading spaces and trailing  ",
+             "<think>plan</think> answer <|tool|>call<|im_end|>"]
     texts += [p["text"] for p in config.get("test_prompts", [])]
     tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     for p in config.get("test_prompts", [])[:3]:
@@ -524,7 +573,7 @@ def _prompts(model_dir: Path) -> list[str]:
     return texts
 
 
-@pytest.mark.parametrize("key", ["qwen", "llama", "smol"])
+@pytest.mark.parametrize("key", ["qwen", "llama", "qwen_padded", "smol"])
 def test_tokenization_parity_with_hf(llama_cpp, converted, model_dir_of, key: str) -> None:
     from transformers import AutoTokenizer
 
@@ -648,6 +697,7 @@ REFERENCE_CASES = [
     ("qwen", "f32", "qwen2"), ("qwen", "f16", "qwen2"), ("qwen", "bf16", "qwen2"), ("qwen", "q8_0", "qwen2"),
     ("llama", "f32", "smollm"), ("llama", "f16", "smollm"), ("llama", "q8_0", "smollm"),
     ("qwen_bf16", "f16", "qwen2"), ("qwen_bf16", "bf16", "qwen2"), ("qwen_bf16", "q8_0", "qwen2"),
+    ("qwen_padded", "f16", "qwen2"),
     ("smol", "f16", "smollm"),
 ]
 
