@@ -2,9 +2,10 @@
 
 GGUF puts every tensor's name, shape, type and offset before the data. All of those follow from the
 safetensors headers and the chosen output type, so the header is written first from the headers
-alone, then each tensor is mapped, converted and appended, one at a time. Peak memory is therefore
-the largest tensor (source view + converted copy) plus a fixed overhead, whatever the model size.
-The file is written under a temporary name and renamed into place only when complete.
+alone, then each tensor is mapped, converted and appended, one at a time (large ones in row blocks
+of about 16 MiB). Peak memory is therefore a few times the block size plus a fixed overhead
+(tokenizer, libraries), whatever the model size. The file is written under a temporary name and
+renamed into place only when complete.
 """
 
 from __future__ import annotations
