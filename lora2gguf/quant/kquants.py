@@ -50,10 +50,11 @@ _F16 = np.float16
 _MAGIC = np.float32(12582912.0)  # 1.5 * 2**23: adding it leaves round(x) in the low mantissa bits
 _NEAREST_SAFE = 4194303.0  # |x| up to this: nearest_int(x) == rint(x)
 _GROUP_MAX_EPS = np.float32(1e-15)
-# super-blocks processed together: the (positions, sub-blocks) temporaries of
-# one chunk then stay in the 512 KiB L2 cache of one core
-_CHUNK_SUPERBLOCKS = 128
-# numba kernels: larger chunks amortise the numpy packing around them (64k weights)
+# super-blocks processed together (64k weights): big enough that numpy's per-call
+# overhead is small against the work, small enough that the (positions,
+# sub-blocks) temporaries stay in L2/L3 and memory stays bounded (a few MiB)
+_CHUNK_SUPERBLOCKS = 256
+# numba kernels: larger chunks amortise the numpy packing around them
 _CHUNK_SUPERBLOCKS_NUMBA = 256
 
 
