@@ -289,9 +289,18 @@ def _make_qx_quants_rmse1(X: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndar
         sums = np.empty((2, S), dtype=_F32)
         t = np.empty((n, S), dtype=_F32)
 
-        def trial(isc: np.ndarray, exact: bool) -> tuple[np.ndarray, np.ndarray]:
+        def trial(isc: np.ndarray, num: float, exact: bool) -> tuple[np.ndarray, np.ndarray]:
             np.multiply(X, isc, out=t)
-            lq = _nearest_clamped_f32(t, lo, hi, exact)
+            if exact:
+                lq = _nearest_clamped_f32(t, lo, hi, True)
+            else:
+                # |t| <= |num|*|x|/|max| ~ |num| (+2 roundings): a clamp binds only
+                # when |num| comes near the half-way point past its bound
+                lq = np.rint(t, out=t)
+                if abs(num) > nmax + 0.25:
+                    np.maximum(lq, lo, out=lq)
+                if abs(num) > nmax - 0.75:
+                    np.minimum(lq, hi, out=lq)
             np.multiply(WXW, lq, out=P)
             P[1] *= lq
             np.add.reduce(P, axis=1, out=sums)
@@ -300,15 +309,16 @@ def _make_qx_quants_rmse1(X: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndar
         iscale = _F32(-nmax) / vmax
         bound = np.abs(iscale) * amax
         exact = not bool(np.all(np.isfinite(bound[~zero])) and np.all(bound[~zero] < _NEAREST_SAFE * 0.5))
-        sumlx, suml2 = trial(iscale, exact)
+        sumlx, suml2 = trial(iscale, float(nmax), exact)
         scale = np.where(suml2 != 0, sumlx / suml2, _F32(0))
         best = scale * sumlx
         best_iscale = iscale
         for step in range(-9, 10):
             if step == 0:
                 continue
-            iscale = -(_F32(nmax) + _F32(0.1) * _F32(step)) / vmax
-            sumlx, suml2 = trial(iscale, exact)
+            num = _F32(nmax) + _F32(0.1) * _F32(step)
+            iscale = -num / vmax
+            sumlx, suml2 = trial(iscale, float(num), exact)
             win = (suml2 > 0) & (sumlx * sumlx > best * suml2)
             if win.any():
                 new_scale = sumlx / suml2
