@@ -145,7 +145,9 @@ def _chat_template_from_base(base: Path, dest: Path, warnings_out: list[str]) ->
     return ["chat_template.jinja (from base)"]
 
 
-def _input_hashes(base_w: Any, adapter_w: Any, adapter: Path, base: Path, tok_src: Path, eval_text: Path | None) -> dict:
+def _input_hashes(
+    base_w: Any, adapter_w: Any, adapter: Path, base: Path, tok_src: Path, eval_text: Path | None
+) -> dict:
     from lora2gguf.artifacts import sha256_file
     from lora2gguf.merge_inputs import TOKENIZER_FILES
 
@@ -485,7 +487,11 @@ def merge_adapter(
             "tie_word_embeddings": tying,
             "sha256": output_hashes,
         },
-        "inputs": {"base": str(base), "adapter": str(adapter), "eval_text": None if eval_text is None else str(eval_text)},
+        "inputs": {
+            "base": str(base),
+            "adapter": str(adapter),
+            "eval_text": None if eval_text is None else str(eval_text),
+        },
         "adapter": {
             "peft_type": adapter_cfg.get("peft_type"),
             "r": adapter_cfg.get("r"),

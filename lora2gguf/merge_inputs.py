@@ -282,11 +282,7 @@ def check_adapter_fits_base(
             module_key = _WRAPPER_RE.sub("", stripped)
             target = base_tensor(module_key, key, info.file)
             if info.shape != target.shape:
-                resized = (
-                    len(info.shape) == 2
-                    and info.shape[1:] == target.shape[1:]
-                    and target.shape[0] == vocab
-                )
+                resized = len(info.shape) == 2 and info.shape[1:] == target.shape[1:] and target.shape[0] == vocab
                 if not resized:
                     raise mismatch(key, info, module_key, target, "full module copy (modules_to_save)")
                 resized_rows[key] = info.shape[0]

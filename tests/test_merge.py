@@ -145,7 +145,9 @@ def plain_merge(
 
 def assert_nothing_written(out: Path, report: Path | None = None) -> None:
     assert not out.exists(), f"{out} must not exist after a failed merge"
-    leftovers = [p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")] if out.parent.exists() else []
+    leftovers = (
+        [p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")] if out.parent.exists() else []
+    )
     assert not leftovers, f"temporary folders left behind: {leftovers}"
     if report is not None:
         assert not report.exists()
@@ -156,7 +158,13 @@ def assert_nothing_written(out: Path, report: Path | None = None) -> None:
 
 def test_plain_merge_writes_verified_folder(plain_merge: tuple[Path, dict], tiny_base: Path) -> None:
     out, report = plain_merge
-    for name in ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
+    for name in (
+        "model.safetensors",
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ):
         assert (out / name).is_file(), name
     ver = report["verification"]
     assert ver["passed"] and ver["finite"]
@@ -231,9 +239,10 @@ def test_chat_template_from_base_when_run_tokenizer_lacks_one(tmp_path: Path, ti
     (adapter / "tokenizer_config.json").write_text(json.dumps(cfg))
     assert AutoTokenizer.from_pretrained(adapter).chat_template is None
     report = merge_adapter(tiny_base, adapter, tmp_path / "out")
-    assert AutoTokenizer.from_pretrained(tmp_path / "out").chat_template == AutoTokenizer.from_pretrained(
-        tiny_base
-    ).chat_template
+    assert (
+        AutoTokenizer.from_pretrained(tmp_path / "out").chat_template
+        == AutoTokenizer.from_pretrained(tiny_base).chat_template
+    )
     assert report["output"]["chat_template"] is True and any("chat template" in w for w in report["warnings"])
 
 
@@ -255,6 +264,10 @@ def test_sharding_writes_index(tmp_path: Path, tiny_base: Path, plain_adapter: P
     assert len(shards) > 1 and report["output"]["weights"]["sharded"]
     assert all((out / s).is_file() for s in shards)
     assert report["verification"]["top1_agreement"] == 1.0  # the sharded folder reloaded and verified
+    # A sharded folder is also a valid base (weights found through the index, shapes read from every shard).
+    again = merge_adapter(out, plain_adapter, tmp_path / "from-sharded", shard_size="2GB")
+    assert any(p.endswith("model.safetensors.index.json") for p in again["input_sha256"]["base"])
+    assert again["base_check"]["name_matches"] is False and again["verification"]["passed"]
 
 
 def test_parse_size() -> None:
@@ -346,7 +359,9 @@ def test_added_tokens_without_trained_embeddings_fail(tmp_path: Path, tiny_base:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(adapter)
-    tok.add_special_tokens({"additional_special_tokens": ["<|new_a|>", "<|new_b|>"]}, replace_extra_special_tokens=False)
+    tok.add_special_tokens(
+        {"additional_special_tokens": ["<|new_a|>", "<|new_b|>"]}, replace_extra_special_tokens=False
+    )
     tok.save_pretrained(adapter)
     out = tmp_path / "out"
     with pytest.raises(Lora2ggufError, match="tokenizer has .* tokens but the merged model only"):
@@ -480,6 +495,9 @@ def test_pickle_base_refused(tmp_path: Path, tiny_base: Path, plain_adapter: Pat
     with pytest.raises(Lora2ggufError, match=r"pytorch_model\.bin.*refused"):
         merge_adapter(base, plain_adapter, tmp_path / "out")
     assert_nothing_written(tmp_path / "out")
+    report = merge_adapter(base, plain_adapter, tmp_path / "out", allow_pickle=True)
+    assert report["base_check"]["weights_format"] == "pickle" and report["verification"]["passed"]
+    assert (tmp_path / "out" / "model.safetensors").is_file()  # the output is always safetensors
 
 
 def test_missing_adapter_config(tmp_path: Path, tiny_base: Path, plain_adapter: Path) -> None:
@@ -521,9 +539,7 @@ def test_tolerance_violation_fails(
     assert_nothing_written(out)
 
 
-def test_existing_output_replaced_only_on_success(
-    tmp_path: Path, tiny_base: Path, plain_adapter: Path
-) -> None:
+def test_existing_output_replaced_only_on_success(tmp_path: Path, tiny_base: Path, plain_adapter: Path) -> None:
     out = tmp_path / "m"
     out.mkdir()
     (out / "old.txt").write_text("old")
