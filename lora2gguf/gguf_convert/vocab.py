@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +78,6 @@ class VocabInfo:
     special: gguf.SpecialVocab
     n_added: int
     n_padding: int
-    notes: list[str] = field(default_factory=list)
 
 
 def _load_json(path: Path) -> Any:
