@@ -412,7 +412,7 @@ def merge_adapter(
 
         with Timer() as t:
             try:
-                merged = peft_model.merge_and_unload(safe_merge=True)
+                merged = peft_model.merge_and_unload(progressbar=True, safe_merge=True)
             except ValueError as exc:
                 raise Lora2ggufError(f"{adapter_w.files[0]}: merge failed: {exc}; nothing was written") from None
             _check_finite(merged, adapter_w.files[0])

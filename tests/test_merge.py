@@ -37,6 +37,7 @@ def make_adapter(
     use_rslora: bool = False,
     use_dora: bool = False,
     modules_to_save: list[str] | None = None,
+    ensure_weight_tying: bool = False,
     add_tokens: list[str] | None = None,
     safe_serialization: bool = True,
     save_tokenizer: bool = True,
@@ -62,6 +63,7 @@ def make_adapter(
         use_dora=use_dora,
         modules_to_save=modules_to_save,
         lora_dropout=0.0,
+        **({"ensure_weight_tying": True} if ensure_weight_tying else {}),
     )
     peft_model = get_peft_model(model, config)
     with torch.no_grad():
@@ -351,6 +353,24 @@ def test_modules_to_save_with_added_tokens(tmp_path: Path, tiny_base: Path, eval
     ids = torch.tensor([[tok.convert_tokens_to_ids(t) for t in added] + list(range(10, 40))])
     ref = peft_reference_logits(tiny_base, adapter, ids, rows=len(tok))
     assert (ref - merged_logits(out, ids)).abs().max() < 1e-4
+
+
+def test_modules_to_save_with_weight_tying_stays_tied(tmp_path: Path, tiny_base: Path, eval_text: Path) -> None:
+    """peft's ensure_weight_tying trains one shared copy: the merged model must stay tied."""
+    import torch
+
+    adapter = make_adapter(
+        tiny_base, tmp_path / "ad", modules_to_save=["embed_tokens", "lm_head"], ensure_weight_tying=True, seed=4
+    )
+    out = tmp_path / "out"
+    report = merge_adapter(tiny_base, adapter, out, eval_text=eval_text)
+    assert report["output"]["tie_word_embeddings"]["output_tied"] is True
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is True
+    assert "lm_head.weight" not in safetensors_names(out)
+    ids = torch.arange(30, 94).reshape(2, 32)
+    ref = peft_reference_logits(tiny_base, adapter, ids)
+    assert (ref - merged_logits(out, ids)).abs().max() < 1e-4
+    assert (ref - merged_logits(tiny_base, ids)).abs().max() > 1e-2
 
 
 def test_added_tokens_without_trained_embeddings_fail(tmp_path: Path, tiny_base: Path) -> None:
