@@ -311,25 +311,35 @@ def test_cli_runs_without_torch(tiny_f16: Path, tmp_path: Path) -> None:
 def _blocks(path: Path) -> dict[str, tuple[str, np.ndarray]]:
     import gguf
 
-    reader = gguf.GGUFReader(path, "r")
+    from lora2gguf.quant.gguf_io import read_gguf
+
     out = {}
-    for t in reader.tensors:
-        blk, size = gguf.GGML_QUANT_SIZES[t.tensor_type]
-        out[t.name] = (t.tensor_type.name, np.asarray(t.data).reshape(-1).view(np.uint8).reshape(-1, size))
+    for t in read_gguf(path).tensors:
+        size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[t.type_name]][1]
+        out[t.name] = (t.type_name, t.data.reshape(-1, size))
     return out
 
 
 def _block_errors(src: Path, name: str, qtype: str, ours: np.ndarray, ref: np.ndarray, rows_idx: np.ndarray) -> tuple[float, float]:
-    """RMS error against the F16 source of the differing blocks, ours and llama.cpp's."""
+    """RMS error against the source of the differing blocks, ours and llama.cpp's."""
     import gguf
 
-    reader = gguf.GGUFReader(src, "r")
-    (t,) = [t for t in reader.tensors if t.name == name]
+    from lora2gguf.quant.gguf_io import read_gguf
+
+    (t,) = [t for t in read_gguf(src).tensors if t.name == name]
     blk = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]][0]
-    x = blocks.decode(t.tensor_type.name, t.data, int(t.shape[0])).reshape(-1, blk)[rows_idx]
+    x = blocks.decode(t.type_name, t.data, t.shape[0]).reshape(-1, blk)[rows_idx]
     e_ours = blocks.decode(qtype, ours[rows_idx], blk) - x
     e_ref = blocks.decode(qtype, ref[rows_idx], blk) - x
     return float(np.sqrt(np.mean(e_ours**2))), float(np.sqrt(np.mean(e_ref**2)))
+
+
+def _layout(path: Path) -> tuple[list[tuple[str, bytes]], list[tuple[str, str, tuple[int, ...], int]], int]:
+    """Metadata records (raw bytes), tensor table and data offset, as parsed from the file."""
+    from lora2gguf.quant.gguf_io import read_gguf
+
+    g = read_gguf(path)
+    return g.records, [(t.name, t.type_name, t.shape, t.offset) for t in g.tensors], g.data_offset
 
 
 def _logits(path: Path, tokens: list[int]) -> np.ndarray:
@@ -370,11 +380,12 @@ def check_parity(src: Path, ftype: str, workdir: Path, n_tokens: int = 48, **opt
     _quantize(src, ours_path, ftype, **options)
     llama_quantize_file(src, ref_path, ftype, threads=2, **options)
 
-    ours_table, ref_table = _tensor_table(ours_path), _tensor_table(ref_path)
+    (ours_kv, ours_table, ours_data), (ref_kv, ref_table, ref_data) = _layout(ours_path), _layout(ref_path)
     assert [(n, t, s) for n, t, s, _ in ours_table] == [(n, t, s) for n, t, s, _ in ref_table], "tensor order/types"
-    assert [o for *_, o in ours_table] == [o for *_, o in ref_table], "tensor data offsets"
+    assert [o for *_, o in ours_table] == [o for *_, o in ref_table] and ours_data == ref_data, "tensor data offsets"
     assert ours_path.stat().st_size == ref_path.stat().st_size
-    assert _metadata(ours_path) == _metadata(ref_path)
+    assert [k for k, _ in ours_kv] == [k for k, _ in ref_kv], "metadata keys and their order"
+    assert ours_kv == ref_kv, "metadata values"
 
     ours_blocks, ref_blocks = _blocks(ours_path), _blocks(ref_path)
     per_type: dict[str, dict[str, Any]] = {}
