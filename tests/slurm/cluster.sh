@@ -30,8 +30,9 @@ UP_TIMEOUT_S="${SLURM_UP_TIMEOUT_S:-90}"
 # Jobs stay visible to squeue this long after they end. The Snakemake SLURM plugin first asks after
 # `slurm-init-seconds-before-status-checks` (40 s by default, 5 s in the test profile), then waits 10 s
 # longer after each query that saw no job finish, up to 180 s. 300 s is above that cap (and >= 3x the first
-# delay, the plugin's own rule), so a finished job is still listed when Snakemake next asks.
-MIN_JOB_AGE_S="${SLURM_MIN_JOB_AGE_S:-300}"
+# delay, the plugin's own rule), so a finished job is still listed when Snakemake next asks. We keep them an
+# hour: the test reads each finished job's partition and GPUs back from `scontrol show job` after the run.
+MIN_JOB_AGE_S="${SLURM_MIN_JOB_AGE_S:-3600}"
 
 log() { printf '[cluster.sh] %s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
