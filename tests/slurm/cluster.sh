@@ -141,7 +141,11 @@ start_munge() {
   # munged refuses to run as root; run it as the munge user like the packaged service does.
   runuser -u munge -- /usr/sbin/munged --pid-file=/run/munge/munged.pid
   for _ in $(seq 1 50); do
-    munge -n 2>/dev/null | unmunge >/dev/null 2>&1 && return 0
+    if munge -n 2>/dev/null | unmunge >/dev/null 2>&1; then
+      # Remember that this munged is ours, so that `down` stops it (and only it).
+      cp /run/munge/munged.pid "$STATE_DIR/run/munged.pid"
+      return 0
+    fi
     sleep 0.2
   done
   die "munged did not start; see /var/log/munge/munged.log"
@@ -181,9 +185,9 @@ daemons_running() {
   pid_alive "$STATE_DIR/run/slurmctld.pid" && pid_alive "$STATE_DIR/run/slurmd.pid"
 }
 
-stop_daemons() {
+stop_daemons() { # stop_daemons [munged]: slurmd and slurmctld, plus munged if we started it
   local f pid
-  for f in slurmd slurmctld; do
+  for f in slurmd slurmctld "$@"; do
     if pid_alive "$STATE_DIR/run/$f.pid"; then
       pid="$(cat "$STATE_DIR/run/$f.pid")"
       kill "$pid" 2>/dev/null || true
@@ -222,14 +226,14 @@ cmd_up() {
 
 cmd_down() {
   need_root
-  stop_daemons
+  stop_daemons munged
   # Only remove what we wrote (marker check), so a real cluster's config is never touched.
   for f in slurm.conf gres.conf; do
     if [[ -f "$CONF_DIR/$f" ]] && grep -qF "$MARKER" "$CONF_DIR/$f"; then rm -f "$CONF_DIR/$f"; fi
   done
   rm -rf "$STATE_DIR"
   rm -f "${FAKE_GPU_PREFIX}0" "${FAKE_GPU_PREFIX}1"
-  # munged is left running: it is harmless, shared with anything else using munge, and cheap to reuse.
+  # A munged we did not start (the machine's own) is left alone.
   log "cluster down"
 }
 
