@@ -15,18 +15,22 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from conftest import tiny_config, write_config
+
+logger = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -60,7 +64,7 @@ def _skip_reason() -> str | None:
 
 
 @pytest.fixture(scope="module")
-def cluster() -> None:
+def cluster() -> Iterator[None]:
     reason = _skip_reason()
     if reason:
         pytest.skip(reason)
@@ -69,7 +73,7 @@ def cluster() -> None:
     up = subprocess.run([str(CLUSTER_SH), "up"], capture_output=True, text=True, timeout=600, check=False)
     # A machine that passed _skip_reason must be able to run the cluster: a failure here is a real failure.
     assert up.returncode == 0, f"cluster.sh up failed:\n{up.stdout}\n{up.stderr}"
-    print(f"cluster up in {time.monotonic() - started:.1f}s", file=sys.stderr)
+    logger.info("cluster up in %.1fs", time.monotonic() - started)
     yield
     if not already_up:
         subprocess.run([str(CLUSTER_SH), "down"], capture_output=True, timeout=120, check=False)
@@ -105,20 +109,26 @@ def run_workflow(workdir: Path, *args: str, slurm: bool, timeout: int = RUN_TIME
         text=True,
         check=False,
     )
-    return Run(workdir, proc.returncode, proc.stdout + proc.stderr, time.monotonic() - started)
+    output = proc.stdout + proc.stderr
+    if slurm and proc.returncode in (124, 137):
+        # Killed by timeout: cancel what that Snakemake left queued (its jobs are all named by its run id).
+        for run_id in re.findall(r"SLURM run ID: (\S+)", output):
+            subprocess.run(["scancel", "--name", run_id], capture_output=True, check=False)
+    return Run(workdir, proc.returncode, output, time.monotonic() - started)
 
 
 def submitted_jobs(output: str) -> dict[str, int]:
     """SLURM job id -> Snakemake job id, from 'Job N has been submitted with SLURM jobid J' lines."""
-    return {m.group(2): int(m.group(1)) for m in re.finditer(r"Job (\d+) has been submitted with SLURM jobid (\d+)", output)}
+    return {
+        m.group(2): int(m.group(1)) for m in re.finditer(r"Job (\d+) has been submitted with SLURM jobid (\d+)", output)
+    }
 
 
 def rule_blocks(output: str) -> list[tuple[bool, str]]:
     """(runs locally?, rule name) for every job Snakemake started: its log heads each job with
     'rule X:', 'checkpoint X:', 'localrule X:' or 'localcheckpoint X:'."""
     return [
-        (bool(m.group(1)), m.group(2))
-        for m in re.finditer(r"^(local)?(?:rule|checkpoint) (\w+):$", output, flags=re.M)
+        (bool(m.group(1)), m.group(2)) for m in re.finditer(r"^(local)?(?:rule|checkpoint) (\w+):$", output, flags=re.M)
     ]
 
 
@@ -145,27 +155,27 @@ def sha256_tree(root: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def config_dir(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path, tiny_runs: dict[str, Path]) -> dict:
+def tiny_cfg(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path, tiny_runs: dict[str, Path]) -> dict:
     holder = tmp_path_factory.mktemp("slurm-config")
     return tiny_config(tiny_base, tiny_runs, holder)
 
 
 @pytest.fixture(scope="module")
-def slurm_run(cluster: None, tmp_path_factory: pytest.TempPathFactory, config_dir: dict) -> Run:
+def slurm_run(cluster: None, tmp_path_factory: pytest.TempPathFactory, tiny_cfg: dict) -> Run:
     workdir = tmp_path_factory.mktemp("on-slurm")
-    write_config(workdir, config_dir)
+    write_config(workdir, tiny_cfg)
     run = run_workflow(workdir, slurm=True)
-    print(f"workflow through SLURM in {run.seconds:.1f}s", file=sys.stderr)
+    logger.info("workflow through SLURM in %.1fs", run.seconds)
     assert run.returncode == 0, run.output[-8000:]
     return run
 
 
 @pytest.fixture(scope="module")
-def local_run(tmp_path_factory: pytest.TempPathFactory, config_dir: dict) -> Run:
+def local_run(tmp_path_factory: pytest.TempPathFactory, tiny_cfg: dict) -> Run:
     workdir = tmp_path_factory.mktemp("local")
-    write_config(workdir, config_dir)
+    write_config(workdir, tiny_cfg)
     run = run_workflow(workdir, slurm=False)
-    print(f"workflow locally in {run.seconds:.1f}s", file=sys.stderr)
+    logger.info("workflow locally in %.1fs", run.seconds)
     assert run.returncode == 0, run.output[-8000:]
     return run
 
@@ -258,9 +268,7 @@ def _stable(obj: object) -> object:
         # The sha256 of another JSON report (e.g. compare_models citing a quantizer sidecar) hashes its timings too.
         cites_report = str(obj.get("path", "")).endswith(".json")
         return {
-            k: _stable(v)
-            for k, v in obj.items()
-            if not VOLATILE.search(k) and not (cites_report and k == "sha256")
+            k: _stable(v) for k, v in obj.items() if not VOLATILE.search(k) and not (cites_report and k == "sha256")
         }
     if isinstance(obj, list):
         return [_stable(v) for v in obj]
@@ -275,7 +283,7 @@ def test_failing_job_fails_the_run_without_hanging(slurm_run: Run, tmp_path: Pat
     # A corrupt F16 GGUF: newer than the quantized files, so quantize_gguf reruns and must fail on it.
     f16.write_bytes(b"this is not a GGUF file\n")
     run = run_workflow(workdir, slurm=True, timeout=600)
-    print(f"failing run through SLURM ended in {run.seconds:.1f}s", file=sys.stderr)
+    logger.info("failing run through SLURM ended in %.1fs", run.seconds)
     assert run.returncode not in (124, 137), "snakemake hung and was killed by timeout:\n" + run.output[-4000:]
     assert run.returncode != 0, run.output[-4000:]
     assert "Error in rule quantize_gguf" in run.output, run.output[-4000:]
