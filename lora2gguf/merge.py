@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
 import shutil
 from pathlib import Path
@@ -335,6 +336,9 @@ def merge_adapter(
     logger.info("inputs: base %s, adapter %s (%d LoRA tensors), tokenizer from %s", base, adapter,
                 fit["lora_tensors"], tok_src)  # fmt: skip
 
+    # Belt and braces on top of local_files_only: nothing in a merge may reach the Hugging Face hub
+    # (read by huggingface_hub when transformers/peft are first imported).
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
     from peft import PeftModel, get_peft_model_state_dict
     from transformers import AutoModelForCausalLM, AutoTokenizer
