@@ -65,6 +65,7 @@ def _reference_pass(
 
     logits = [reference.logits(model, w) for w in tqdm(windows, desc="reference logits", disable=None)]
     nll = [x for w, lg in zip(windows, logits) for x in metrics.window_nll(lg, w)]
+    logger.info("reference logits done; greedy decoding of %d prompts in PyTorch", len(prompt_ids))
     stop_ids = reference.stop_token_ids(model, tokenizer)
     greedy: list[list[int]] = []
     start = time.perf_counter()
