@@ -1,6 +1,6 @@
 """Benchmark: lora2gguf quantize against llama.cpp's llama_model_quantize on the same file.
 
-Each run is a fresh child process (so peak memory is that run's own: ru_maxrss of the child),
+Each run is a fresh child process (so peak memory is that run's own: the child's ru_maxrss),
 same input, same thread count. Times are measured inside the child around the quantize call
 only (interpreter start and imports excluded, for both). For ours, "total" includes reading
 the header, planning, and hashing input and output for the sidecar; "core" is the sidecar's
@@ -49,30 +49,25 @@ else:
     report = quantize_gguf(src, dst, QuantizeOptions(ftype, threads=threads))
     total = time.perf_counter() - t0
     core = report["time_s"]
-print("RESULT " + json.dumps({"total_s": total, "core_s": core}))
+import resource
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+print("RESULT " + json.dumps({"total_s": total, "core_s": core, "peak_rss_mb": peak}))
 """
 
 
 def _run_child(impl: str, src: Path, dst: Path, ftype: str, threads: int) -> dict[str, float]:
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.Popen(
+    done = subprocess.run(
         [sys.executable, "-c", _CHILD, impl, str(src), str(dst), ftype, str(threads)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        capture_output=True,
         text=True,
         env=env,
+        check=False,
     )
-    # wait4 gives this child's own resource usage (ru_maxrss in KiB on Linux).
-    out_text = proc.stdout.read() if proc.stdout else ""
-    err_text = proc.stderr.read() if proc.stderr else ""
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{impl} {ftype} failed ({proc.returncode}):\n{err_text[-3000:]}")
-    line = [ln for ln in out_text.splitlines() if ln.startswith("RESULT ")][-1]
-    result = json.loads(line[len("RESULT ") :])
-    result["peak_rss_mb"] = usage.ru_maxrss / 1024
-    return result
+    if done.returncode != 0:
+        raise RuntimeError(f"{impl} {ftype} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    line = [ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")][-1]
+    return json.loads(line[len("RESULT ") :])
 
 
 def _default_input(cache: Path) -> Path:
