@@ -1,10 +1,11 @@
 """Benchmark: lora2gguf quantize against llama.cpp's llama_model_quantize on the same file.
 
-Each run is a fresh child process (so peak memory is that run's own: the child's ru_maxrss),
-same input, same thread count. Times are measured inside the child around the quantize call
-only (interpreter start and imports excluded, for both). For ours, "total" includes reading
-the header, planning, and hashing input and output for the sidecar; "core" is the sidecar's
-time_s (tensor data only).
+Each run is a fresh child process, same input, same thread count. Times are measured inside
+the child around the quantize call only (interpreter start and imports excluded, for both).
+For ours that call also hashes input and output and writes the sidecar ("ours s"); "core s" is
+the sidecar's time_s (everything but writing the sidecar). Peak RSS is sampled every 10 ms
+during the call (lora2gguf.provenance.PeakMemory) and counts the memory-mapped input pages
+that are resident, for both implementations.
 
     .venv/bin/python benchmarks/quantize.py                      # SmolLM2-135M F16, config types
     .venv/bin/python benchmarks/quantize.py --input model.gguf --types Q4_K_M Q8_0 --runs 5
@@ -32,26 +33,29 @@ logger = logging.getLogger("benchmarks.quantize")
 
 _CHILD = r"""
 import json, sys, time
+from lora2gguf.provenance import PeakMemory
 impl, src, dst, ftype, threads = sys.argv[1:6]
 threads = int(threads)
+# Peak RSS is sampled inside the call (ru_maxrss would include the parent's RSS at fork).
 if impl == "llama.cpp":
     import llama_cpp  # imported before the clock starts, like our modules below
     from lora2gguf.quant.reference import llama_quantize_file
-    t0 = time.perf_counter()
-    llama_quantize_file(src, dst, ftype, threads=threads)
-    total = time.perf_counter() - t0
+    with PeakMemory() as mem:
+        t0 = time.perf_counter()
+        llama_quantize_file(src, dst, ftype, threads=threads)  # ctypes releases the GIL: the sampler runs
+        total = time.perf_counter() - t0
     core = total
 else:
     import numpy, gguf
     from lora2gguf.quant.quantize import QuantizeOptions, quantize_gguf
     from lora2gguf.quant import kquants  # noqa: F401
-    t0 = time.perf_counter()
-    report = quantize_gguf(src, dst, QuantizeOptions(ftype, threads=threads))
-    total = time.perf_counter() - t0
+    with PeakMemory() as mem:
+        t0 = time.perf_counter()
+        report = quantize_gguf(src, dst, QuantizeOptions(ftype, threads=threads))
+        total = time.perf_counter() - t0
     core = report["time_s"]
-import resource
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-print("RESULT " + json.dumps({"total_s": total, "core_s": core, "peak_rss_mb": peak}))
+print("RESULT " + json.dumps({"total_s": total, "core_s": core, "peak_rss_mb": mem.peak_rss_mb,
+                              "rss_before_mb": mem.start_rss_mb}))
 """
 
 
