@@ -432,6 +432,7 @@ def merge_adapter(
                 if tok_src != base and getattr(tokenizer, "chat_template", None) is None:
                     copied += _chat_template_from_base(base, tmp, warnings_out)
                 weights = _check_output_safetensors(tmp)
+                _normal_permissions(tmp)
             timings["save_s"] = t.seconds
             # `model` is the same module as `merged`; drop every reference so the reload below does not
             # hold two copies of the weights at once.
@@ -538,6 +539,15 @@ def merge_adapter(
     if report is not None:
         write_json(report, result)
     return result
+
+
+def _normal_permissions(folder: Path) -> None:
+    """Files as the umask allows (the weights writer leaves 0600, unreadable for a shared cluster group)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for item in folder.iterdir():
+        if item.is_file():
+            item.chmod(0o666 & ~mask)
 
 
 def _release_memory() -> None:

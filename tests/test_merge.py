@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -191,6 +192,9 @@ def test_plain_merge_writes_verified_folder(plain_merge: tuple[Path, dict], tiny
     assert report["memory"]["peak_rss_mb"] > 0 and report["memory"]["cuda_peak_allocated_mb"] is None
     assert report["timing_s"]["total"] > 0
     assert report["output"]["sha256"]["model.safetensors"]
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (out / "model.safetensors").stat().st_mode & 0o777 == 0o666 & ~mask  # not the writer's 0600
 
 
 def test_merged_weights_differ_from_base_and_match_peft(
