@@ -167,6 +167,9 @@ def _test_rows(n_rows: int, n_cols: int, seed: int = 0) -> np.ndarray:
     x[3] *= 1e4  # large range
     x[4, 5] = -x[4].__abs__().max() * 3  # negative absolute maximum
     x[5] = np.float32(1e-8) * rng.standard_normal(n_cols)  # tiny values (fp16 subnormal scales)
+    # Q8_0 with d = 1: x/d hits exact halves and the float just below 0.5 (roundf keeps it at 0)
+    x[6, :32] = np.float32(0.25)
+    x[6, :8] = np.array([127, 0.49999997, 0.5, 1.5, 2.5, -0.5, -2.5, -126.5], dtype=np.float32)
     return x
 
 

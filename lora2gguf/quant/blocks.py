@@ -1,7 +1,7 @@
 """Block encoders: float32 rows -> the bytes of one ggml tensor type.
 
-The legacy 32-weight block types (Q8_0, Q4_0, Q4_1, Q5_0, Q5_1) come from gguf-py
-(``gguf.quants.<TYPE>.quantize_blocks``): its numpy code follows ggml's reference quantizers
+The legacy 32-weight block types (Q4_0, Q4_1, Q5_0, Q5_1) come from gguf-py
+(``gguf.quants.<TYPE>.quantize_blocks``; Q8_0 is our leaner copy of the same arithmetic): its numpy code follows ggml's reference quantizers
 (``quantize_row_q*_ref``) operation for operation in float32 -- the same abs-max / min-max
 scale, the same ``1/d``, truncation after ``+ 8.5`` / ``+ 16.5`` / ``+ 0.5``, and for Q8_0
 rounding half away from zero like C's ``roundf`` -- and ``tests/test_quant.py`` checks that its
@@ -29,10 +29,34 @@ ENCODABLE = ("F32", "F16", *LEGACY_TYPES, *K_TYPES)
 _LEGACY_BLOCKS_PER_CALL = 2048
 
 
+def _q8_0_blocks(blocks: np.ndarray) -> np.ndarray:
+    """Q8_0 as ggml's quantize_row_q8_0_ref: d = absmax/127, q = roundf(x/d). Same operations as
+    gguf-py's Q8_0 (verified byte-identical to ggml), with fewer temporaries: gguf-py's version
+    measured 3-4x slower on 64k-weight chunks."""
+    n = blocks.shape[0]
+    d = np.abs(blocks).max(axis=1) / np.float32(127)
+    inv = np.zeros_like(d)
+    np.divide(np.float32(1), d, out=inv, where=d != 0)
+    t = blocks * inv[:, None]
+    # roundf (half away from zero), exactly: floor(a) + floor(2 * frac(a)); every step is exact in
+    # float32, unlike floor(a + 0.5), which rounds 0.49999997 up.
+    a = np.abs(t)
+    whole = np.floor(a)
+    a -= whole
+    a *= np.float32(2)
+    np.floor(a, out=a)
+    a += whole
+    np.copysign(a, t, out=a)
+    out = np.empty((n, 34), dtype=np.uint8)
+    out[:, :2] = d.astype(np.float16).view(np.uint8).reshape(n, 2)
+    out[:, 2:] = a.astype(np.int8).view(np.uint8)
+    return out
+
+
 def _legacy(type_name: str) -> Callable[[np.ndarray], np.ndarray]:
     import gguf
 
-    quantize_blocks = getattr(gguf.quants, type_name).quantize_blocks
+    quantize_blocks = _q8_0_blocks if type_name == "Q8_0" else getattr(gguf.quants, type_name).quantize_blocks
     type_size = BLOCK[type_name][1]
 
     def encode(rows: np.ndarray) -> np.ndarray:
