@@ -338,6 +338,27 @@ def _write_file(
     return hashing.digest.hexdigest()
 
 
+def _encoders(plan: Plan) -> dict[str, Any]:
+    """Which implementation encoded the blocks (all are byte-identical to ggml's reference)."""
+    import importlib.metadata
+
+    used = {c.dst_type for c in plan.choices if c.converts}
+    k_backend = None
+    if used & set(blocks.K_TYPES):
+        from lora2gguf.quant import kquants
+
+        k_backend = kquants.resolve_backend()
+    try:
+        numba_version: str | None = importlib.metadata.version("numba")
+    except importlib.metadata.PackageNotFoundError:
+        numba_version = None
+    return {
+        "legacy": "gguf-py quantize_blocks (Q4_0, Q4_1, Q5_0, Q5_1); lora2gguf (Q8_0)",
+        "kquants_backend": k_backend,
+        "numba": numba_version,
+    }
+
+
 def _report(
     src: Path,
     dst: Path,
@@ -407,6 +428,7 @@ def _report(
             }
             for c in plan.choices
         ],
+        "encoders": _encoders(plan),
         "versions": package_versions(),
         "device": device_info(),
     }
