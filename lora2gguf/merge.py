@@ -379,7 +379,9 @@ def merge_adapter(
             except Exception as exc:  # noqa: BLE001 - peft raises many types for bad adapters
                 raise Lora2ggufError(f"{adapter}: peft cannot load the adapter: {exc}") from None
             peft_model.eval()
-            adapter_state = get_peft_model_state_dict(peft_model)
+            # save_embedding_layers=True: the widest set peft may have saved (it adds full embedding
+            # layers for a resized vocabulary or on request), so no legitimately saved key counts as unused.
+            adapter_state = get_peft_model_state_dict(peft_model, save_embedding_layers=True)
             loaded = {k.replace(".default", "") for k in adapter_state}
             for key, tensor in adapter_state.items():
                 if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):

@@ -41,6 +41,7 @@ def make_adapter(
     ensure_weight_tying: bool = False,
     add_tokens: list[str] | None = None,
     safe_serialization: bool = True,
+    save_embedding_layers: bool | str = "auto",
     save_tokenizer: bool = True,
     scale: float = 0.05,
     mutate: Callable[[Any], None] | None = None,
@@ -81,7 +82,7 @@ def make_adapter(
         if mutate is not None:
             mutate(peft_model)
     out.mkdir(parents=True, exist_ok=True)
-    peft_model.save_pretrained(out, safe_serialization=safe_serialization)
+    peft_model.save_pretrained(out, safe_serialization=safe_serialization, save_embedding_layers=save_embedding_layers)
     if save_tokenizer:
         tokenizer.save_pretrained(out)
     return out
@@ -375,6 +376,14 @@ def test_modules_to_save_with_weight_tying_stays_tied(tmp_path: Path, tiny_base:
     ref = peft_reference_logits(tiny_base, adapter, ids)
     assert (ref - merged_logits(out, ids)).abs().max() < 1e-4
     assert (ref - merged_logits(tiny_base, ids)).abs().max() > 1e-2
+
+
+def test_adapter_with_saved_embedding_layers(tmp_path: Path, tiny_base: Path) -> None:
+    """save_embedding_layers=True stores the (unchanged) embedding matrices too: still a valid adapter."""
+    adapter = make_adapter(tiny_base, tmp_path / "ad", targets=["q_proj"], save_embedding_layers=True)
+    report = merge_adapter(tiny_base, adapter, tmp_path / "out")
+    assert "model.embed_tokens.weight" in report["adapter"]["full_weight_tensors"]
+    assert report["verification"]["top1_agreement"] == 1.0
 
 
 def test_added_tokens_without_trained_embeddings_fail(tmp_path: Path, tiny_base: Path) -> None:
