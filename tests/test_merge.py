@@ -694,3 +694,30 @@ def test_compare_logits_metrics() -> None:
     nan = compare_logits(ref, bad)
     assert nan["finite"] is False and check_tolerance(nan, "float32")
     assert TOLERANCES["float32"].logit_bound(1000.0) == pytest.approx(0.1)
+
+
+def test_killed_merge_leaves_no_output(tmp_path: Path, tiny_base: Path, plain_adapter: Path) -> None:
+    """SIGKILL while the output is being written: the final folder never appears half-written."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "models" / "k-merged"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lora2gguf.cli", "merge", "--base", str(tiny_base), "--adapter", str(plain_adapter),
+         "--out", str(out), "--device", "cpu"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            if out.parent.is_dir() and any(p.name.startswith(".k-merged.tmp-") for p in out.parent.iterdir()):
+                break
+            time.sleep(0.005)
+        else:
+            pytest.fail("the merge finished or stalled before its temporary folder could be observed")
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert not out.exists()
