@@ -103,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     args.cache.mkdir(parents=True, exist_ok=True)
     src = args.input or _default_input(args.cache)
     rows: list[dict[str, Any]] = []
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(dir=args.cache) as tmp:
         for ftype in args.types:
             runs: dict[str, list[dict[str, float]]] = {"llama.cpp": [], "ours": []}
@@ -134,8 +135,14 @@ def main(argv: list[str] | None = None) -> int:
             for p in Path(tmp).glob("*"):
                 p.unlink()
 
+    load_after = os.getloadavg()
     header = f"{'type':8} {'llama.cpp s':>11} {'ours s':>8} {'core s':>8} {'ratio':>6} {'llama MB':>9} {'ours MB':>8}  same file"
-    lines = [f"input {src} ({src.stat().st_size / 2**20:.1f} MiB), {args.threads} threads, median of {args.runs} runs", header]
+    lines = [
+        f"input {src} ({src.stat().st_size / 2**20:.1f} MiB), {args.threads} threads, median of {args.runs} runs",
+        # other work on the machine slows both sides; the ratio is the comparable figure
+        f"1-min load average {load_before[0]:.1f} before, {load_after[0]:.1f} after, {os.cpu_count()} CPUs",
+        header,
+    ]
     for r in rows:
         lines.append(
             f"{r['type']:8} {r['llama_cpp_s']:11.2f} {r['ours_s']:8.2f} {r['ours_core_s']:8.2f} {r['ratio']:6.2f} "
@@ -148,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         write_json(
             args.out,
             {"input": str(src), "threads": args.threads, "runs": args.runs, "results": rows,
+             "load_average_before": load_before, "load_average_after": load_after,
              "versions": package_versions(), "device": device_info()},
         )
     return 0
