@@ -23,8 +23,8 @@ include: "rules/plot.smk"
 
 
 rule all:
+    default_target: True
     input:
         "results/model_analysis.json",
         "results/plots/candidates.png",
         best_model_targets,
-    default_target: True

@@ -35,7 +35,9 @@ def folder_inputs(path, names=None):
     if is_demo_path(path):
         return [path]
     folder = Path(path)
-    files = sorted(p for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
+    files = (
+        sorted(p for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
+    )
     if names is not None:
         files = [p for p in files if p.name in names]
     return [str(p) for p in files] or [path]

@@ -9,6 +9,8 @@ rule convert_gguf:
         "logs/convert_gguf/{model}.log",
     benchmark:
         "benchmarks/convert_gguf/{model}.tsv"
+    conda:
+        "../envs/gguf.yaml"
     params:
         outtype=config["convert"]["outtype"],
         base=lambda wildcards: Path(candidate_base(wildcards)).name,

@@ -3,12 +3,14 @@ checkpoint rank_candidates:
         rank_inputs,
     output:
         analysis="results/model_analysis.json",
+    log:
+        "logs/rank_candidates.log",
+    conda:
+        "../envs/report.yaml"
     params:
         candidates=rank_candidate_args(),
         metric=config["selection"]["metric"],
         mode=config["selection"]["mode"],
-    log:
-        "logs/rank_candidates.log",
     shell:
         "lora2gguf rank {params.candidates} --metric {params.metric}"
         " --mode {params.mode} --out {output.analysis} > {log} 2>&1"
@@ -25,5 +27,7 @@ rule plot_candidates:
         ),
     log:
         "logs/plot_candidates.log",
+    conda:
+        "../envs/report.yaml"
     shell:
         "lora2gguf plot candidates --analysis {input.analysis} --out {output} > {log} 2>&1"
