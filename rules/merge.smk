@@ -13,6 +13,8 @@ rule merge_adapter:
         "logs/merge_adapter/{model}.log",
     benchmark:
         "benchmarks/merge_adapter/{model}.tsv"
+    conda:
+        "../envs/torch.yaml"
     threads: 2
     params:
         base=candidate_base,
