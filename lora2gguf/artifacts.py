@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import math
@@ -31,6 +32,27 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+def _disk_full_error(exc: BaseException, final: Path) -> Lora2ggufError | None:
+    """A one-line error naming ``final`` when ``exc`` means its filesystem ran out of space.
+
+    Writers report a full disk in several ways: ENOSPC/EDQUOT from Python, numpy's tofile says only
+    "N requested and M written" (no errno), safetensors' Rust writer says "os error 28". A short write
+    without errno counts as disk full only when the folder really has (almost) no space left.
+    """
+    text = str(exc)
+    full = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    full = full or "No space left on device" in text or "os error 28" in text or "os error 122" in text
+    if not full and isinstance(exc, OSError) and exc.errno is None and "written" in text:
+        with contextlib.suppress(OSError):
+            full = shutil.disk_usage(final.parent).free < (1 << 20)
+    if not full:
+        return None
+    with contextlib.suppress(OSError):
+        free = shutil.disk_usage(final.parent).free
+        return Lora2ggufError(f"{final}: no space left on device while writing it ({free} bytes free in {final.parent}); nothing was written")
+    return Lora2ggufError(f"{final}: no space left on device while writing it; nothing was written")
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path; on success it replaces ``path``, on failure it is removed."""
@@ -46,8 +68,11 @@ def atomic_file(path: str | os.PathLike[str]) -> Iterator[Path]:
             os.fsync(handle.fileno())
         os.replace(temp, final)
         _fsync_dir(final.parent)
-    except BaseException:
+    except BaseException as exc:
+        full = _disk_full_error(exc, final)
         temp.unlink(missing_ok=True)
+        if full is not None:
+            raise full from exc
         raise
 
 
@@ -74,8 +99,11 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
         else:
             os.replace(temp, final)
         _fsync_dir(final.parent)
-    except BaseException:
+    except BaseException as exc:
+        full = _disk_full_error(exc, final)
         shutil.rmtree(temp, ignore_errors=True)
+        if full is not None:
+            raise full from exc
         raise
 
 
