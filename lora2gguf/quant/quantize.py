@@ -1,10 +1,11 @@
 """GGUF in -> per-tensor quantization -> GGUF out, streaming, with a sidecar report.
 
-The input is memory-mapped (header parsed by :func:`lora2gguf.quant.gguf_io.read_gguf`). The output is written with gguf-py's GGUFWriter
-in one pass: header, metadata and every tensor's info first (all sizes are known from the
-plan), then each tensor's data, quantized in chunks of whole rows by a thread pool and
-written in order as the chunks finish. Memory therefore stays around a few chunks per thread
-plus the input pages of the current tensor (released with MADV_DONTNEED after each tensor).
+The input is memory-mapped (header parsed by :func:`lora2gguf.quant.gguf_io.read_gguf`). The
+output is written with gguf-py's GGUFWriter in one pass: header, metadata and every tensor's
+info first (all sizes are known from the plan), then the data, quantized in chunks of whole
+rows by a thread pool and written in order as the chunks finish. Memory therefore stays at a
+few chunks per thread plus the input pages of the current tensor (released with MADV_DONTNEED
+after each tensor).
 
 Tensor order, metadata order, alignment and padding follow what ``llama_model_quantize``
 writes, so for the same input our file has the same size and layout as llama.cpp's.
@@ -19,8 +20,8 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import gguf
@@ -81,13 +82,17 @@ def _check_requantize(path: Path, plan: Plan, allow: bool) -> None:
             f"{quantized[0].name}); quantize the F16/F32 file instead, or pass --allow-requantize "
             "(quality drops: errors of both quantizations add up)"
         )
-    unreadable = [t for t in types if t not in blocks.ENCODABLE and t not in ("BF16",)]
-    for t in unreadable:
-        try:
-            gguf.quants.dequantize(np.zeros(gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[t]][1], np.uint8), gguf.GGMLQuantizationType[t])
+    for t in types:
+        qtype = gguf.GGMLQuantizationType[t]
+        try:  # decode one zero block: gguf-py lacks decoders for a few exotic types
+            gguf.quants.dequantize(np.zeros(gguf.GGML_QUANT_SIZES[qtype][1], np.uint8), qtype)
         except NotImplementedError:
-            raise Lora2ggufError(f"{path}: cannot requantize tensors of type {t}: gguf-py has no decoder for it") from None
-    logger.warning("%s: requantizing %d already-quantized tensors (%s)", path, len(quantized), ", ".join(types))
+            raise Lora2ggufError(
+                f"{path}: cannot requantize tensors of type {t}: gguf-py has no decoder"
+            ) from None
+    logger.warning(
+        "%s: requantizing %d already-quantized tensors (%s)", path, len(quantized), ", ".join(types)
+    )
 
 
 def _row_chunks(n_rows: int, n_per_row: int) -> list[tuple[int, int]]:
@@ -147,7 +152,9 @@ def _write_data(
     jobs = _jobs(plan, by_name)
     window = 2 * threads + 2
     pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="quant") if threads > 1 else None
-    pending: collections.deque[tuple[_Job, concurrent.futures.Future[np.ndarray] | None]] = collections.deque()
+    pending: collections.deque[tuple[_Job, concurrent.futures.Future[np.ndarray] | None]] = (
+        collections.deque()
+    )
 
     def submit_next() -> None:
         job = next(jobs, None)
@@ -155,7 +162,13 @@ def _write_data(
             fut = pool.submit(_convert, job) if (pool is not None and job.rows is not None) else None
             pending.append((job, fut))
 
-    bar = tqdm(total=len(plan.choices), desc=f"quantize {plan.file_type}", unit="tensor", mininterval=1.0, leave=False)
+    bar = tqdm(
+        total=len(plan.choices),
+        desc=f"quantize {plan.file_type}",
+        unit="tensor",
+        mininterval=1.0,
+        leave=False,
+    )
     written = 0
     try:
         for _ in range(window):
@@ -175,7 +188,9 @@ def _write_data(
             if job.last:
                 c = job.choice
                 if written != sizes_out[c.name]:
-                    raise AssertionError(f"tensor {c.name}: wrote {written} bytes, planned {sizes_out[c.name]}")
+                    raise AssertionError(
+                        f"tensor {c.name}: wrote {written} bytes, planned {sizes_out[c.name]}"
+                    )
                 writer.write_padding(fout, written)
                 reader.release(job.entry.offset, job.entry.n_bytes)
                 logger.debug("%-36s %-16s %5s -> %-5s %s", c.name, c.shape, c.src_type, c.dst_type, c.rule)
@@ -238,9 +253,17 @@ def quantize_gguf(
             if c.converts and c.dst_type not in blocks.ENCODABLE:
                 raise Lora2ggufError(f"tensor {c.name}: cannot write type {c.dst_type}")
             if c.converts and c.src_type in INTEGER_TYPES:
-                raise Lora2ggufError(f"{src}: tensor {c.name} of type {c.src_type} cannot be converted to {c.dst_type}")
+                raise Lora2ggufError(
+                    f"{src}: tensor {c.name} of type {c.src_type} cannot be converted to {c.dst_type}"
+                )
         logger.info(
-            "%s -> %s: %s, %d tensors, %s, %d threads", src, dst, file_type, len(plan.choices), model.arch, threads
+            "%s -> %s: %s, %d tensors, %s, %d threads",
+            src,
+            dst,
+            file_type,
+            len(plan.choices),
+            model.arch,
+            threads,
         )
         sizes_out = {c.name: tensor_bytes(c.dst_type, c.shape) for c in plan.choices}
         with atomic_file(dst) as temp:
@@ -250,7 +273,9 @@ def quantize_gguf(
             n_elements = sum(int(np.prod(c.shape)) for c in plan.choices)
             bytes_in = sum(int(by_name[c.name].n_bytes) for c in plan.choices)
             bytes_out = sum(sizes_out.values())
-            report = _report(src, dst, plan, model, options, threads, n_elements, bytes_in, bytes_out, temp.stat().st_size)
+            report = _report(
+                src, dst, plan, model, options, threads, n_elements, bytes_in, bytes_out, temp.stat().st_size
+            )
             report["input"]["sha256"] = input_sha256
             report["output"]["sha256"] = output_sha256
             # wall time of the whole step: parse, plan, quantize, write, hash (not the sidecar itself)
@@ -385,8 +410,12 @@ def _report(
         "default_tensor_type": plan.default_type,
         "input": {"path": str(src), "size_bytes": src.stat().st_size, "sha256": None},
         "output": {"path": str(dst), "size_bytes": file_bytes, "sha256": None},
-        "model": {"arch": model.arch, "n_layer": model.n_layer, "n_expert": model.n_expert,
-                  "tied_embeddings": plan.tied_embeddings},
+        "model": {
+            "arch": model.arch,
+            "n_layer": model.n_layer,
+            "n_expert": model.n_expert,
+            "tied_embeddings": plan.tied_embeddings,
+        },
         "options": {
             "threads": options.threads,
             "allow_requantize": options.allow_requantize,

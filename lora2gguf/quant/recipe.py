@@ -316,7 +316,9 @@ def _layer_info(counter: int, n_layer: int, name: str, model: ModelInfo) -> tupl
     if model.n_expert > 1:
         layer = _layer_of(name)
         if not 0 <= layer < n_layer:
-            raise Lora2ggufError(f"tensor {name}: cannot determine its layer (expected blk.N. with N < {n_layer})")
+            raise Lora2ggufError(
+                f"tensor {name}: cannot determine its layer (expected blk.N. with N < {n_layer})"
+            )
         return layer, n_layer
     return counter, n_layer
 
@@ -339,7 +341,10 @@ def _mixture_type(
         if falcon:
             return "Q8_0", f"{what}: Q8_0 (falcon)"
         if spec.shape[0] % block_size(new_type) != 0:
-            return "Q8_0", f"{what}: Q8_0 (row length {spec.shape[0]} not a multiple of {block_size(new_type)})"
+            return (
+                "Q8_0",
+                f"{what}: Q8_0 (row length {spec.shape[0]} not a multiple of {block_size(new_type)})",
+            )
         if new_type != "Q8_0":
             return "Q6_K", f"{what}: Q6_K"
         return new_type, f"{what}: Q8_0"
@@ -435,7 +440,9 @@ def plan_types(
             plan.choices.append(TensorChoice(spec.name, shape, spec.src_type, spec.src_type, why))
             continue
         if spec.src_type in INTEGER_TYPES:
-            plan.choices.append(TensorChoice(spec.name, shape, spec.src_type, spec.src_type, "integer tensor kept"))
+            plan.choices.append(
+                TensorChoice(spec.name, shape, spec.src_type, spec.src_type, "integer tensor kept")
+            )
             continue
         cat = _category(spec.name)
         forced: tuple[str, str] | None = None

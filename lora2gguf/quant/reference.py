@@ -76,7 +76,9 @@ def ggml_quantize_rows(type_name: str, rows: np.ndarray) -> np.ndarray:
     out = np.zeros((n_rows, n_per_row // blk * size), dtype=np.uint8)
     lib = _ggml_base()
     lib.ggml_quantize_init(int(qtype))
-    written = lib.ggml_quantize_chunk(int(qtype), rows.ctypes.data, out.ctypes.data, 0, n_rows, n_per_row, None)
+    written = lib.ggml_quantize_chunk(
+        int(qtype), rows.ctypes.data, out.ctypes.data, 0, n_rows, n_per_row, None
+    )
     assert written == out.nbytes, (written, out.nbytes)
     return out
 
@@ -125,7 +127,11 @@ def make_f16_fixture(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -
     dst = Path(dst)
     with atomic_file(dst) as temp:
         writer = RawKVWriter(temp, arch)
-        copy_metadata(reader, writer, overrides={"general.file_type": (int(gguf.LlamaFileType.MOSTLY_F16), gguf.GGUFValueType.UINT32)})
+        copy_metadata(
+            reader,
+            writer,
+            overrides={"general.file_type": (int(gguf.LlamaFileType.MOSTLY_F16), gguf.GGUFValueType.UINT32)},
+        )
         for t in reader.tensors:
             ne = list(t.shape)
             src_type = t.type_name

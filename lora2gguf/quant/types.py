@@ -16,7 +16,9 @@ class FileType:
     """One ``llama-quantize`` file type ("mostly Q4_K_M")."""
 
     name: str  # as llama-quantize spells it: Q4_K_M
-    llama_ftype: int  # value of llama.cpp's enum llama_ftype (gguf.LlamaFileType), stored as general.file_type
+    llama_ftype: (
+        int  # value of llama.cpp's enum llama_ftype (gguf.LlamaFileType), stored as general.file_type
+    )
     default_tensor_type: str  # ggml type of an ordinary weight matrix (gguf.GGMLQuantizationType name)
 
 
