@@ -71,10 +71,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, type=Path, help="manifest JSON to write (atomically)")
 
 
+# Snakemake's own marker inside directory() outputs: bookkeeping, not part of the artifact.
+IGNORED_NAMES = frozenset({".snakemake_timestamp"})
+
+
 def _files_of(path: Path) -> list[Path]:
     """A file, or every file of a folder (recursively, sorted). Hidden temp siblings are never inside."""
     if path.is_dir():
-        return sorted(p for p in path.rglob("*") if p.is_file())
+        return sorted(p for p in path.rglob("*") if p.is_file() and p.name not in IGNORED_NAMES)
     return [path]
 
 

@@ -55,6 +55,7 @@ def _check_manifest_shape(path: Path, manifest: Any) -> None:
 def verify_manifest(path: Path, root: Path | None = None, outputs_only: bool = False) -> dict[str, Any]:
     """Compare the files on disk with the manifest. Returns {ok, checked, changed, missing, added}."""
     from lora2gguf.artifacts import read_json, sha256_file
+    from lora2gguf.manifest import IGNORED_NAMES
 
     manifest = read_json(path)
     _check_manifest_shape(path, manifest)
@@ -93,7 +94,7 @@ def verify_manifest(path: Path, root: Path | None = None, outputs_only: bool = F
                 continue
             for file in sorted(on_disk.rglob("*")):
                 rel = (Path(folder) / file.relative_to(on_disk)).as_posix()
-                if file.is_file() and rel not in listed:
+                if file.is_file() and file.name not in IGNORED_NAMES and rel not in listed:
                     added.append(rel)
     return {
         "manifest": str(path),

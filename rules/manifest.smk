@@ -6,15 +6,17 @@ import shlex
 
 
 def manifest_config(wildcards):
-    """The config values that shape this model's artifacts (as JSON, so a change reruns the manifest)."""
+    """The config values that shape this model's artifacts (as JSON, so a change reruns the manifest).
+    Thread counts are left out: they change speed, not results, and rerun nothing."""
+    drop_threads = lambda section: {k: v for k, v in section.items() if k != "threads"}
     return json.dumps(
         {
             "candidate": {"name": wildcards.model, **candidate(wildcards)},
             "selection": config["selection"],
             "merge": config["merge"],
             "convert": config["convert"],
-            "quantize": config["quantize"],
-            "evaluation": config["evaluation"],
+            "quantize": drop_threads(config["quantize"]),
+            "evaluation": drop_threads(config["evaluation"]),
             "generation": config["generation"],
             "test_prompts": config["test_prompts"],
         },

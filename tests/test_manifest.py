@@ -120,6 +120,7 @@ def test_verify_passes_then_reports_each_change(build: Path, capsys: pytest.Capt
     q8.write_bytes(bytes(data))
     (build / f"results/plots/{MODEL}-speed.png").unlink()
     (build / f"models/{MODEL}-merged/extra.safetensors").write_bytes(b"stray shard")
+    (build / f"models/{MODEL}-merged/.snakemake_timestamp").touch()  # Snakemake bookkeeping, ignored
     (inputs / "run/adapter_model.safetensors").write_bytes(b"retrained adapter")
     capsys.readouterr()
     assert main(["verify", manifest, "--json", "verdict.json"]) == 1
