@@ -208,16 +208,21 @@ def test_adapter_loads_and_changes_the_model(tiny_base: Path, tiny_run: Path) ->
     assert not torch.allclose(before, after)  # B was trained away from its zero initialisation
 
 
-def test_train_lora_is_deterministic(tiny_base: Path, tmp_path: Path) -> None:
+def test_train_lora_is_deterministic_and_cli_matches(tiny_base: Path, tmp_path: Path) -> None:
+    from lora2gguf.cli import main
     from lora2gguf.demo.train import train_lora
 
-    kwargs = dict(r=2, alpha=4, lr=1e-2, steps=2, batch_size=2, max_length=48, seed=3)
-    first = train_lora(tiny_base, tmp_path / "a", **kwargs)
-    second = train_lora(tiny_base, tmp_path / "b", **kwargs)
+    first = train_lora(tiny_base, tmp_path / "a", r=2, alpha=4, lr=1e-2, steps=2, batch_size=2, max_length=48, seed=3)
+    second = tmp_path / "b"
+    argv = ["demo", "train", "--base", str(tiny_base), "--out", str(second), "--r", "2", "--alpha", "4",
+            "--lr", "1e-2", "--steps", "2", "--batch-size", "2", "--max-length", "48", "--seed", "3"]
+    assert main(argv) == 0
     losses = [json.loads((run / "all_results.json").read_text()) for run in (first, second)]
     assert losses[0]["eval_loss"] == losses[1]["eval_loss"]
     assert losses[0]["train_loss"] == losses[1]["train_loss"]
-    assert sha256_tree(first)["adapter_model.safetensors"] == sha256_tree(second)["adapter_model.safetensors"]
+    hashes = sha256_tree(first), sha256_tree(second)
+    for name in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json"):
+        assert hashes[0][name] == hashes[1][name], name
 
 
 def test_train_rejects_bad_base_without_leaving_output(tmp_path: Path) -> None:

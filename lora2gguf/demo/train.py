@@ -211,6 +211,7 @@ def train_lora(
         )
         result = trainer.train()
         trainer.save_model(str(tmp))
+        _sort_target_modules(tmp / "adapter_config.json")
         train_metrics = dict(result.metrics)
         trainer.log_metrics("train", train_metrics)
         trainer.save_metrics("train", train_metrics)
@@ -228,6 +229,14 @@ def train_lora(
         _write_demo_record(tmp, base_dir, dataset, train_set, eval_set, hyper)
     logger.info("run written to %s: eval_loss %.4f, train_loss %.4f", out_dir, eval_metrics["eval_loss"], train_metrics["train_loss"])
     return out_dir
+
+
+def _sort_target_modules(path: Path) -> None:
+    """peft writes target_modules from a set (order varies with PYTHONHASHSEED); sort it for reproducible files."""
+    data = json.loads(path.read_text(encoding="utf-8"))
+    if isinstance(data.get("target_modules"), list):
+        data["target_modules"] = sorted(data["target_modules"])
+        path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def _write_demo_record(
