@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import tiny_config, write_config
 
@@ -157,7 +158,11 @@ def sha256_tree(root: Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def tiny_cfg(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path, tiny_runs: dict[str, Path]) -> dict:
     holder = tmp_path_factory.mktemp("slurm-config")
-    return tiny_config(tiny_base, tiny_runs, holder)
+    config = tiny_config(tiny_base, tiny_runs, holder)
+    # Keys tiny_config does not set keep the project's defaults (e.g. evaluation.device/threads).
+    defaults = yaml.safe_load((ROOT / "config.yaml").read_text(encoding="utf-8"))
+    config["evaluation"] = {**defaults["evaluation"], **config["evaluation"]}
+    return config
 
 
 @pytest.fixture(scope="module")
