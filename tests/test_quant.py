@@ -557,3 +557,14 @@ def test_parity_requantize(tiny_f16: Path, tmp_path: Path) -> None:
     q8 = tmp_path / "q8.gguf"
     llama_quantize_file(tiny_f16, q8, "Q8_0")
     check_parity(q8, "Q4_K_M", tmp_path, allow_requantize=True)
+
+
+@needs_llama
+@pytest.mark.parametrize("outtype", ["bf16", "f32"])
+def test_parity_bf16_and_f32_inputs(outtype: str, tiny_base: Path, tmp_path: Path) -> None:
+    from lora2gguf.gguf_convert import convert
+
+    src = tmp_path / f"model-{outtype}.gguf"
+    convert(tiny_base, src, outtype, progress=False)
+    for ftype in ("Q4_K_M", "Q8_0"):
+        assert check_parity(src, ftype, tmp_path)["byte_identical_file"]
