@@ -50,7 +50,7 @@ CONFIG_TYPES = ("Q4_K_M", "Q8_0", "Q5_K_M", "Q4_0")
 
 @pytest.fixture(scope="session")
 def tiny_f16(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from lora2gguf.gguf_convert import convert
+    from lora2gguf.gguf_convert.convert import convert
 
     out = tmp_path_factory.mktemp("tiny-gguf") / "model.gguf"
     convert(tiny_base, out, "f16", progress=False)
@@ -562,7 +562,7 @@ def test_parity_requantize(tiny_f16: Path, tmp_path: Path) -> None:
 @needs_llama
 @pytest.mark.parametrize("outtype", ["bf16", "f32"])
 def test_parity_bf16_and_f32_inputs(outtype: str, tiny_base: Path, tmp_path: Path) -> None:
-    from lora2gguf.gguf_convert import convert
+    from lora2gguf.gguf_convert.convert import convert
 
     src = tmp_path / f"model-{outtype}.gguf"
     convert(tiny_base, src, outtype, progress=False)
