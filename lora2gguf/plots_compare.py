@@ -56,8 +56,14 @@ def _points(report: dict[str, Any]) -> list[dict[str, Any]]:
     return sorted(report["models"], key=lambda m: m["size_bytes"])
 
 
-def _annotate(ax: Any, x: float, y: float, text: str) -> None:
-    ax.annotate(text, (x, y), textcoords="offset points", xytext=(6, 5), fontsize=9)
+def _annotate(ax: Any, x: float, y: float, text: str, index: int) -> None:
+    """Label a point; neighbours in size order alternate above / below so that types of nearly
+    equal size (Q4_K_M and Q5_K_M) do not print over each other."""
+    above = index % 2 == 0
+    ax.annotate(
+        text, (x, y), textcoords="offset points", xytext=(7, 6 if above else -8),
+        va="bottom" if above else "top", fontsize=9,
+    )
 
 
 def plot_size_vs_kl(report: dict[str, Any], model: str, out: Path) -> None:
@@ -70,7 +76,7 @@ def plot_size_vs_kl(report: dict[str, Any], model: str, out: Path) -> None:
     positive = [v for m in points for v in (m["kl_divergence"]["mean"], m["kl_divergence"]["p99"]) if v > 0]
     # A log axis cannot show an exact zero (identical distributions): draw it at a floor, labelled.
     floor = min(positive) / 10 if positive else 1e-12
-    for m, mean in zip(points, means):
+    for index, (m, mean) in enumerate(zip(points, means)):
         x = m["size_bytes"] / 2**20
         is_float = _is_float_file(m["label"])
         color = F16_COLOR if is_float else QUANT_COLOR
@@ -79,7 +85,7 @@ def plot_size_vs_kl(report: dict[str, Any], model: str, out: Path) -> None:
         ax.scatter([x], [max(mean, floor)], s=70, color=color, marker="*" if is_float else "o", zorder=3)
         ax.scatter([x], [p99], s=25, facecolors="none", edgecolors=color, zorder=3)
         suffix = " (=0)" if mean <= 0 else ""
-        _annotate(ax, x, max(mean, floor), f"{m['label']}{suffix}\n{m['bits_per_weight']:.2f} bpw")
+        _annotate(ax, x, max(mean, floor), f"{m['label']}{suffix}, {m['bits_per_weight']:.2f} bpw", index)
     ax.set_yscale("log")
     ax.set_xlabel("file size (MiB)")
     ax.set_ylabel("KL divergence from PyTorch float32 (nats per token)")
@@ -99,14 +105,14 @@ def plot_size_vs_perplexity(report: dict[str, Any], model: str, out: Path) -> No
     fig, ax = plt.subplots()
     ref = report["reference"]["perplexity"]
     ax.axhline(ref, color=REFERENCE_COLOR, linestyle="--", linewidth=1, label=f"PyTorch float32: {ref:.3f}")
-    for m in _points(report):
+    for index, m in enumerate(_points(report)):
         x = m["size_bytes"] / 2**20
         is_float = _is_float_file(m["label"])
         ax.scatter(
             [x], [m["perplexity"]], s=70, zorder=3,
             color=F16_COLOR if is_float else QUANT_COLOR, marker="*" if is_float else "o",
         )
-        _annotate(ax, x, m["perplexity"], f"{m['label']}\n{m['perplexity']:.3f} (x{m['perplexity_ratio']:.4f})")
+        _annotate(ax, x, m["perplexity"], f"{m['label']}: {m['perplexity']:.3f} (x{m['perplexity_ratio']:.4f})", index)
     ax.set_xlabel("file size (MiB)")
     ax.set_ylabel("perplexity on the held-out text")
     ax.legend(loc="upper right")
