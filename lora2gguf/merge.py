@@ -368,6 +368,14 @@ def merge_adapter(
                 model = AutoModelForCausalLM.from_pretrained(base, **load_kwargs)
             except Exception as exc:  # noqa: BLE001
                 raise Lora2ggufError(f"{base}: cannot load the base model: {exc}") from None
+            # A NaN/Inf in the base would otherwise surface later as "base+adapter produce NaN logits",
+            # blaming the adapter; name the base tensor instead.
+            for name, param in model.named_parameters():
+                if param.is_floating_point() and not bool(torch.isfinite(param).all()):
+                    raise Lora2ggufError(
+                        f"{base_w.files[0] if len(base_w.files) == 1 else base}: base tensor '{name}' holds "
+                        f"{int((~torch.isfinite(param)).sum())} NaN/Inf values; nothing was written"
+                    )
             model.to(dev)
             rows = model.get_input_embeddings().weight.shape[0]
             if fit["resized_vocab_rows"] is not None and fit["resized_vocab_rows"] != rows:

@@ -91,6 +91,7 @@ def report_digest(path: Path) -> object:
     return sorted(json.loads(path.read_text(encoding="utf-8")))
 
 
+@pytest.mark.slow  # ten torch start-ups: about 3-4 minutes on 2 busy cores
 def test_sigkill_merge(tmp_path: Path, tiny_base: Path, tiny_run: Path) -> None:
     out, report = tmp_path / "models" / "m-merged", tmp_path / "results" / "merge_report.json"
     cmd = lora2gguf_cmd("merge", "--base", tiny_base, "--adapter", tiny_run, "--out", out, "--report", report,

@@ -145,6 +145,14 @@ def convert_data(plan: TensorPlan, data: np.ndarray) -> np.ndarray:
             raise Lora2ggufError(f"{plan.entry.path}: tensor {plan.entry.name!r}: {exc}") from None
     if data.dtype == np.float64:
         data = data.astype(np.float32)
+    # A NaN/Inf in the source would be written as is and make llama.cpp compute NaN logits; refuse it
+    # here, naming the tensor, rather than hand over a GGUF that loads but cannot work.
+    if np.issubdtype(data.dtype, np.floating) and not np.isfinite(data).all():
+        count = int((~np.isfinite(data)).sum())
+        raise Lora2ggufError(
+            f"{plan.entry.path}: tensor {plan.entry.name!r} ({plan.gguf_name}) holds {count} NaN/Inf value(s); "
+            "the model is broken (check the merge or the base checkpoint)"
+        )
     if plan.qtype == QT.F32:
         out = data.astype(np.float32, copy=False)
     elif plan.qtype == QT.F16:
