@@ -20,6 +20,17 @@ include: "rules/convert.smk"
 include: "rules/quantize.smk"
 include: "rules/evaluate.smk"
 include: "rules/plot.smk"
+include: "rules/manifest.smk"
+
+
+# Light rules stay on the submitting host when a cluster executor is used.
+localrules:
+    all,
+    rank_candidates,
+    plot_candidates,
+    plot_comparison,
+    build_demo_data,
+    build_demo_tiny_base,
 
 
 rule all:

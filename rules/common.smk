@@ -8,6 +8,7 @@ from lora2gguf.ranking import ADAPTER_CONFIG, METRIC_FILES, STATE_FILE
 wildcard_constraints:
     model="|".join(sorted(config["candidates"])),
     q="|".join(file_tag(t) for t in config["quantize"]["types"]),
+    run="|".join(sorted(config["demo"].get("runs", {}))) or "(?!)",
 
 
 def is_demo_path(path):
@@ -108,6 +109,7 @@ def model_targets(model):
         f"results/{model}/merged_model_test.json",
         f"results/{model}/compare_models.json",
         *(f"results/plots/{model}-{kind}.png" for kind in COMPARISON_PLOTS),
+        f"results/{model}/manifest.json",
     ]
 
 

@@ -49,7 +49,7 @@ def tiny_config(tiny_base: Path, tiny_runs: dict[str, Path], workdir: Path, **ov
     from lora2gguf.demo.dataset import render_text
 
     eval_text.write_text(render_text("eval"), encoding="utf-8")
-    config["evaluation"] = {"text": str(eval_text), "max_tokens": 64, "context": 128}
+    config["evaluation"].update(text=str(eval_text), max_tokens=64, context=128)
     config["quantize"]["types"] = ["Q8_0", "Q4_K_M"]
     config["generation"]["max_new_tokens"] = 8
     config["test_prompts"] = config["test_prompts"][:2]
