@@ -5,10 +5,13 @@ import shlex
 # `lora2gguf verify results/{model}/manifest.json` re-hashes against it later.
 
 
+def drop_threads(section):
+    """Thread counts change speed, not results: left out of the manifest so they rerun nothing."""
+    return {key: value for key, value in section.items() if key != "threads"}
+
+
 def manifest_config(wildcards):
-    """The config values that shape this model's artifacts (as JSON, so a change reruns the manifest).
-    Thread counts are left out: they change speed, not results, and rerun nothing."""
-    drop_threads = lambda section: {k: v for k, v in section.items() if k != "threads"}
+    """The config values that shape this model's artifacts (as JSON, so a change reruns the manifest)."""
     return json.dumps(
         {
             "candidate": {"name": wildcards.model, **candidate(wildcards)},

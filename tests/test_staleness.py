@@ -26,23 +26,13 @@ pytestmark = pytest.mark.slow
 FOLLOWERS = {"write_manifest", "all"}
 
 
-def snakefile(tmp: Path) -> Path:
-    """The project's Snakefile, plus rules/manifest.smk for as long as it does not include it itself."""
-    main = ROOT / "Snakefile"
-    if "rules/manifest.smk" in main.read_text(encoding="utf-8"):
-        return main
-    wrapper = tmp / "Snakefile.with-manifest"
-    wrapper.write_text(f'include: "{main}"\ninclude: "{ROOT / "rules" / "manifest.smk"}"\n', encoding="utf-8")
-    return wrapper
-
-
 class Workflow:
     def __init__(self, workdir: Path, snakefile: Path, config: dict[str, Any]) -> None:
         self.workdir, self.snakefile, self.config = workdir, snakefile, config
         self.best = ""
 
     def targets(self) -> list[str]:
-        return ["all", f"results/{self.best}/manifest.json"] if self.best else ["all"]
+        return ["all"]  # rule all asks for results/{best}/manifest.json too
 
     def run(self, *args: str, timeout: int = 1800) -> subprocess.CompletedProcess[str]:
         env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
@@ -74,12 +64,11 @@ def workflow(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path, tiny_run
     config["evaluation"].setdefault("threads", 2)
     config["quantize"]["types"] = ["Q8_0"]
     write_config(workdir, config)
-    flow = Workflow(workdir, snakefile(root), config)
+    flow = Workflow(workdir, ROOT / "Snakefile", config)
     result = flow.run("--cores", "2", "all")
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     flow.best = json.loads((workdir / "results/model_analysis.json").read_text())["best"]
-    result = flow.run("--cores", "2", *flow.targets())
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    assert (workdir / f"results/{flow.best}/manifest.json").is_file()
     return flow
 
 
