@@ -24,8 +24,18 @@ from lora2gguf.cli import main
 
 def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
     """Run `lora2gguf ARGV` in this process (torch loads once for the whole file) -> (status, log)."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
     capsys.readouterr()
-    status = main([*argv])
+    try:
+        status = main([*argv])
+    finally:
+        # main() points the root logger at this test's captured stderr; put the handlers back so
+        # that later tests do not log into a closed stream.
+        root.handlers[:] = handlers
+        root.setLevel(level)
     captured = capsys.readouterr()
     return status, captured.out + captured.err
 
