@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -246,6 +247,8 @@ def run(args: argparse.Namespace) -> int:
             "peak_memory_mb": peak["cuda_peak_allocated_mb"] if device.startswith("cuda") else peak["peak_rss_mb"],
             "peak_memory_kind": "cuda_max_memory_allocated" if device.startswith("cuda") else "process_rss",
             "memory": peak,
+            # Timings are only comparable on an otherwise idle machine: record how busy it was.
+            "load_average_1min": os.getloadavg()[0],
         },
     }
     write_json(args.out, report)
