@@ -19,11 +19,11 @@ rule test_merged_model:
         "benchmarks/test_merged_model/{model}.tsv"
     conda:
         "../envs/torch.yaml"
-    threads: config["evaluation"].get("threads", 2)
+    threads: config["evaluation"]["threads"]
     params:
         prompts=json.dumps(config["test_prompts"], ensure_ascii=False),
         generation=json.dumps(config["generation"]),
-        device=config["evaluation"].get("device", "auto"),
+        device=config["evaluation"]["device"],
     shell:
         "lora2gguf test --model {input.model} --prompts {params.prompts:q}"
         " --generation {params.generation:q} --device {params.device}"
@@ -50,7 +50,7 @@ rule compare_models:
         "benchmarks/compare_models/{model}.tsv"
     conda:
         "../envs/torch.yaml"
-    threads: config["evaluation"].get("threads", 2)
+    threads: config["evaluation"]["threads"]
     params:
         gguf=lambda wildcards, input: " ".join(
             f"--gguf {path}" for path in [input.f16, *input.quants]
@@ -59,7 +59,7 @@ rule compare_models:
         max_new_tokens=config["generation"]["max_new_tokens"],
         max_tokens=config["evaluation"]["max_tokens"],
         context=config["evaluation"]["context"],
-        device=config["evaluation"].get("device", "auto"),
+        device=config["evaluation"]["device"],
     shell:
         "lora2gguf compare --reference {input.reference} {params.gguf}"
         " --eval-text {input.eval_text} --max-tokens {params.max_tokens}"
