@@ -18,10 +18,11 @@ def is_demo_path(path):
 
 def check_config_paths():
     """Fail before any job runs when a configured path is missing, naming its key."""
-    keyed = {"evaluation.text": config["evaluation"]["text"]}
+    keyed = {}
     for name, cand in config["candidates"].items():
         keyed[f"candidates.{name}.base"] = cand["base"]
         keyed[f"candidates.{name}.run"] = cand["run"]
+    keyed["evaluation.text"] = config["evaluation"]["text"]
     for key, path in keyed.items():
         if not is_demo_path(path) and not Path(path).exists():
             raise ValueError(f"config.yaml: {key}: path '{path}' does not exist")
