@@ -29,6 +29,7 @@ localrules:
     rank_candidates,
     plot_candidates,
     plot_comparison,
+    write_manifest,
     build_demo_data,
     build_demo_tiny_base,
 

@@ -42,7 +42,7 @@ PROFILES = [ROOT / "profiles/slurm", ROOT / "tests/slurm/profile"]
 GPU_RULES = {"merge_adapter", "test_merged_model", "compare_models"}
 # Rules the Snakefile declares local (the tiny config has the demo off, so no build_demo_* job runs):
 # they must never become SLURM jobs. Everything else is submitted.
-LOCAL_RULES = {"all", "rank_candidates", "plot_candidates", "plot_comparison"}
+LOCAL_RULES = {"all", "rank_candidates", "plot_candidates", "plot_comparison", "write_manifest"}
 HEAVY_RULES = GPU_RULES | {"convert_gguf", "quantize_gguf"}
 # A Snakemake waiting on SLURM ignores SIGTERM: every run is bounded by `timeout -k`.
 RUN_TIMEOUT_S = 1200
