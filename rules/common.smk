@@ -1,4 +1,5 @@
 import json
+import shlex
 from pathlib import Path
 
 from lora2gguf.quant.types import file_tag, type_from_tag
@@ -116,3 +117,49 @@ def model_targets(model):
 
 def best_model_targets(wildcards):
     return model_targets(best_candidate())
+
+
+def demo_run(wildcards):
+    """Training settings of one demo LoRA run (config demo.runs)."""
+    return config["demo"]["runs"][wildcards.run]
+
+
+def demo_run_base(wildcards):
+    return demo_run(wildcards)["base"]
+
+
+def drop_threads(section):
+    """Thread counts change speed, not results: left out of the manifest so they rerun nothing."""
+    return {key: value for key, value in section.items() if key != "threads"}
+
+
+def manifest_config(wildcards):
+    """The config values that shape this model's artifacts (as JSON, so a change reruns the manifest)."""
+    return json.dumps(
+        {
+            "candidate": {"name": wildcards.model, **candidate(wildcards)},
+            "selection": config["selection"],
+            "merge": config["merge"],
+            "convert": config["convert"],
+            "quantize": drop_threads(config["quantize"]),
+            "evaluation": drop_threads(config["evaluation"]),
+            "generation": config["generation"],
+            "test_prompts": config["test_prompts"],
+        },
+        ensure_ascii=False,
+        sort_keys=True,
+    )
+
+
+def manifest_outputs(wildcards, input):
+    paths = [
+        input.merged,
+        input.merge_report,
+        input.f16,
+        *input.quants,
+        *input.sidecars,
+        input.test,
+        input.compare,
+        *input.plots,
+    ]
+    return " ".join(f"--output {shlex.quote(str(path))}" for path in paths)

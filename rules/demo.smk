@@ -11,6 +11,8 @@ rule build_demo_data:
         info="resources/demo/data/dataset_info.json",
     log:
         "logs/build_demo_data.log",
+    conda:
+        "../envs/torch.yaml"
     shell:
         "lora2gguf demo data resources/demo/data > {log} 2>&1"
 
@@ -22,6 +24,8 @@ rule build_demo_tiny_base:
         "logs/build_demo_tiny_base.log",
     benchmark:
         "benchmarks/build_demo_tiny_base.tsv"
+    conda:
+        "../envs/torch.yaml"
     shell:
         "lora2gguf demo tiny-base {output} --seed 0 > {log} 2>&1"
 
@@ -33,13 +37,15 @@ rule build_demo_smollm2_base:
         "logs/build_demo_smollm2_base.log",
     benchmark:
         "benchmarks/build_demo_smollm2_base.tsv"
+    conda:
+        "../envs/torch.yaml"
     shell:
         "lora2gguf demo smollm2-base {output} --dtype float32 > {log} 2>&1"
 
 
 rule build_demo_lora_run:
     input:
-        base=lambda w: config["demo"]["runs"][w.run]["base"],
+        base=demo_run_base,
         train="resources/demo/data/train.jsonl",
         eval="resources/demo/data/eval.jsonl",
     output:
@@ -48,10 +54,12 @@ rule build_demo_lora_run:
         "logs/build_demo_lora_run/{run}.log",
     benchmark:
         "benchmarks/build_demo_lora_run/{run}.tsv"
+    conda:
+        "../envs/torch.yaml"
     threads: 2
     params:
-        run=lambda w: config["demo"]["runs"][w.run],
-        data="resources/demo/data",
+        run=demo_run,
+        data=lambda wildcards, input: Path(input.train).parent,
     shell:
         "lora2gguf demo train --base {input.base} --out {output} --data {params.data}"
         " --r {params.run[r]} --alpha {params.run[alpha]} --lr {params.run[lr]}"

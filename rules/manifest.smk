@@ -1,45 +1,6 @@
-import shlex
-
 # Provenance of one model's build: every input and output with size and sha256, the rule that made
 # each output, the config values that shaped it and the package / llama.cpp versions.
 # `lora2gguf verify results/{model}/manifest.json` re-hashes against it later.
-
-
-def drop_threads(section):
-    """Thread counts change speed, not results: left out of the manifest so they rerun nothing."""
-    return {key: value for key, value in section.items() if key != "threads"}
-
-
-def manifest_config(wildcards):
-    """The config values that shape this model's artifacts (as JSON, so a change reruns the manifest)."""
-    return json.dumps(
-        {
-            "candidate": {"name": wildcards.model, **candidate(wildcards)},
-            "selection": config["selection"],
-            "merge": config["merge"],
-            "convert": config["convert"],
-            "quantize": drop_threads(config["quantize"]),
-            "evaluation": drop_threads(config["evaluation"]),
-            "generation": config["generation"],
-            "test_prompts": config["test_prompts"],
-        },
-        ensure_ascii=False,
-        sort_keys=True,
-    )
-
-
-def manifest_outputs(wildcards, input):
-    paths = [
-        input.merged,
-        input.merge_report,
-        input.f16,
-        *input.quants,
-        *input.sidecars,
-        input.test,
-        input.compare,
-        *input.plots,
-    ]
-    return " ".join(f"--output {shlex.quote(str(path))}" for path in paths)
 
 
 rule write_manifest:
@@ -60,6 +21,8 @@ rule write_manifest:
         manifest="results/{model}/manifest.json",
     log:
         "logs/write_manifest/{model}.log",
+    conda:
+        "../envs/report.yaml"
     params:
         base=candidate_base,
         run=candidate_run,
