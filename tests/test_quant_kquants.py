@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import ctypes
 import functools
-import glob
 import os
 import sys
 from pathlib import Path
@@ -13,6 +11,7 @@ import numpy as np
 import pytest
 
 from lora2gguf.quant import kquants as kq
+from lora2gguf.quant.reference import ggml_quantize_rows, llama_cpp_available
 
 sys.path.insert(0, str(Path(__file__).parent))
 import _kq_scalar_ref as scalar_ref  # noqa: E402
@@ -25,8 +24,6 @@ BACKENDS = [
         marks=pytest.mark.skipif(not kq.numba_available(), reason="numba not installed"),
     ),
 ]
-# ggml_type enum values (ggml.h)
-GGML_TYPE_ID = {"Q4_K": 12, "Q5_K": 13, "Q6_K": 14}
 
 
 def _distributions(seed: int, n_rows: int, n_cols: int) -> dict[str, np.ndarray]:
@@ -71,56 +68,14 @@ def _distributions(seed: int, n_rows: int, n_cols: int) -> dict[str, np.ndarray]
 
 # --------------------------------------------------------------------------- llama.cpp peer
 
-
-def _find_libggml_base() -> Path | None:
-    """libggml-base from the installed llama_cpp package (or $LORA2GGUF_GGML_LIB)."""
-    override = os.environ.get("LORA2GGUF_GGML_LIB")
-    if override:
-        return Path(override)
-    try:
-        import llama_cpp  # noqa: F401
-    except Exception:
-        return None
-    pkg = Path(sys.modules["llama_cpp"].__file__).parent
-    for pattern in ("lib/libggml-base.so*", "lib/libggml.so*", "**/libggml-base.so*", "**/libggml.so*"):
-        hits = sorted(glob.glob(str(pkg / pattern), recursive=True))
-        for h in hits:
-            try:
-                lib = ctypes.CDLL(h)
-                lib.ggml_quantize_chunk  # noqa: B018 - probe the symbol
-                return Path(h)
-            except (OSError, AttributeError):
-                continue
-    return None
-
-
-_LIB_PATH = _find_libggml_base()
 needs_ggml = pytest.mark.skipif(
-    _LIB_PATH is None, reason="llama_cpp (llama-cpp-python) with libggml not importable"
+    not llama_cpp_available(), reason="llama_cpp (llama-cpp-python) with libggml not importable"
 )
 
 
 def ggml_quantize(type_name: str, x: np.ndarray) -> np.ndarray:
     """Quantize with llama.cpp's own ggml_quantize_chunk (no importance matrix)."""
-    lib = ctypes.CDLL(str(_LIB_PATH))
-    fn = lib.ggml_quantize_chunk
-    fn.restype = ctypes.c_size_t
-    fn.argtypes = [
-        ctypes.c_int,
-        ctypes.c_void_p,
-        ctypes.c_void_p,
-        ctypes.c_int64,
-        ctypes.c_int64,
-        ctypes.c_int64,
-        ctypes.c_void_p,
-    ]
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    n_rows, n_cols = x.shape
-    bb = kq.BLOCK_BYTES[type_name]
-    out = np.zeros((n_rows, n_cols // kq.QK_K * bb), dtype=np.uint8)
-    written = fn(GGML_TYPE_ID[type_name], x.ctypes.data, out.ctypes.data, 0, n_rows, n_cols, None)
-    assert written == out.nbytes
-    return out
+    return ggml_quantize_rows(type_name, x)
 
 
 def block_match(a: np.ndarray, b: np.ndarray, block_bytes: int) -> tuple[int, int]:
