@@ -100,14 +100,39 @@ def encoder(type_name: str) -> Callable[[np.ndarray], np.ndarray]:
     raise ValueError(f"no encoder for ggml type {type_name}; supported: {', '.join(ENCODABLE)}")
 
 
-def encode(type_name: str, rows: np.ndarray) -> np.ndarray:
-    """Encode float32 rows; the row length must be a multiple of the type's block size."""
+# llama.cpp's importance-weighted quantizers (quantize_row_*_impl). Q8_0, F16 and F32 have none:
+# ggml's quantize_q8_0 ignores its quant_weights argument, and so do we.
+WEIGHTED_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
+
+
+def _encode_weighted(type_name: str, rows: np.ndarray, quant_weights: np.ndarray) -> np.ndarray:
+    from lora2gguf.quant import _weighted_numba
+
+    qw = np.ascontiguousarray(quant_weights, dtype=np.float32)
+    if qw.shape != (rows.shape[1],):
+        raise ValueError(f"importance weights have shape {qw.shape}, expected ({rows.shape[1]},)")
+    blk, size = BLOCK[type_name]
+    out = np.empty((rows.shape[0], rows.shape[1] // blk * size), dtype=np.uint8)
+    kernel = getattr(_weighted_numba, type_name.lower())
+    with np.errstate(all="ignore"):  # C semantics on degenerate blocks, as the reference paths
+        kernel(rows, qw, out)
+    return out
+
+
+def encode(type_name: str, rows: np.ndarray, quant_weights: np.ndarray | None = None) -> np.ndarray:
+    """Encode float32 rows; the row length must be a multiple of the type's block size.
+
+    ``quant_weights`` (one importance per column, e.g. an imatrix row) selects llama.cpp's
+    importance-weighted quantizer for the types in WEIGHTED_TYPES; other types ignore it, as
+    ggml does."""
     rows = np.ascontiguousarray(rows, dtype=np.float32)
     if rows.ndim != 2:
         raise ValueError(f"expected a 2-D array of rows, got shape {rows.shape}")
     blk, size = BLOCK[type_name]
     if rows.shape[1] % blk:
         raise ValueError(f"row length {rows.shape[1]} is not a multiple of the {type_name} block size {blk}")
+    if quant_weights is not None and type_name in WEIGHTED_TYPES:
+        return _encode_weighted(type_name, rows, quant_weights)
     out = encoder(type_name)(rows)
     expected = (rows.shape[0], rows.shape[1] // blk * size)
     if out.dtype != np.uint8 or out.shape != expected:

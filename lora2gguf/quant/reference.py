@@ -65,8 +65,11 @@ def _ggml_base() -> ctypes.CDLL:
     return lib
 
 
-def ggml_quantize_rows(type_name: str, rows: np.ndarray) -> np.ndarray:
-    """llama.cpp's encoding of float32 rows (no importance matrix) as uint8 ``(rows, row_bytes)``."""
+def ggml_quantize_rows(
+    type_name: str, rows: np.ndarray, quant_weights: np.ndarray | None = None
+) -> np.ndarray:
+    """llama.cpp's encoding of float32 rows as uint8 ``(rows, row_bytes)``; ``quant_weights`` (one
+    importance per column) is passed to ggml_quantize_chunk as its imatrix."""
     import gguf
 
     qtype = gguf.GGMLQuantizationType[type_name]
@@ -75,9 +78,13 @@ def ggml_quantize_rows(type_name: str, rows: np.ndarray) -> np.ndarray:
     n_rows, n_per_row = rows.shape
     out = np.zeros((n_rows, n_per_row // blk * size), dtype=np.uint8)
     lib = _ggml_base()
+    qw = None if quant_weights is None else np.ascontiguousarray(quant_weights, dtype=np.float32)
+    if qw is not None and qw.shape != (n_per_row,):
+        raise ValueError(f"importance weights have shape {qw.shape}, expected ({n_per_row},)")
     lib.ggml_quantize_init(int(qtype))
     written = lib.ggml_quantize_chunk(
-        int(qtype), rows.ctypes.data, out.ctypes.data, 0, n_rows, n_per_row, None
+        int(qtype), rows.ctypes.data, out.ctypes.data, 0, n_rows, n_per_row,
+        None if qw is None else qw.ctypes.data,
     )
     assert written == out.nbytes, (written, out.nbytes)
     return out

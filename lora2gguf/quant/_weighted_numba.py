@@ -1,0 +1,555 @@
+"""numba kernels of llama.cpp's importance-weighted quantizers (the ``quantize_row_*_impl`` paths).
+
+Each kernel follows one C function of ggml-quants.c loop for loop, in float32 scalars, so the bytes
+are those of ``ggml_quantize_chunk(type, ..., quant_weights)``; ``tests/test_imatrix.py`` checks
+that on random and real rows.  numba keeps float32 for float32 operands and, without fastmath,
+neither reorders nor fuses operations, which is what byte parity needs: every integer that the C
+code converts implicitly (``n_per_row``, loop counters, quantized levels) is converted with
+``np.float32`` here, and every constant is a float32.
+
+``X`` is ``(rows, n_per_row)`` float32, ``QW`` the ``(n_per_row,)`` float32 importance of each
+column (the imatrix row: mean squared activation), ``OUT`` the ``(rows, row_bytes)`` uint8 result.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit
+
+from lora2gguf.quant._kq_numba import _nearest_int
+
+_ZERO = np.float32(0.0)
+_ONE = np.float32(1.0)
+_TWO = np.float32(2.0)
+_TENTH = np.float32(0.1)
+_EPS = np.float32(1e-15)  # ggml's GROUP_MAX_EPS
+_RMIN = np.float32(-0.9)
+_RDELTA = np.float32(0.05)
+_QK_K = 256
+
+
+@njit(inline="always", cache=True, error_model="numpy")
+def _fp16_round(v):  # pragma: no cover - compiled
+    """float32 -> the float32 value of the nearest fp16 (ties to even), as GGML_FP32_TO_FP16."""
+    a = abs(np.float64(v))
+    if a == 0.0 or a != a:
+        return v
+    if a >= 65520.0:
+        return np.float32(math.copysign(math.inf, v))
+    _, e = math.frexp(a)  # a = m * 2**e with 0.5 <= m < 1: fp16 keeps 11 significant bits
+    ulp_e = max(e - 11, -24)
+    return np.float32(math.copysign(math.ldexp(np.rint(math.ldexp(a, -ulp_e)), ulp_e), v))
+
+
+@njit(inline="always", cache=True, error_model="numpy")
+def _put_fp16(out, pos, v):  # pragma: no cover - compiled
+    """Store the fp16 bits of v (already representable in fp16) little-endian at out[pos:pos+2]."""
+    bits = 0
+    if v < 0 or (v == 0 and math.copysign(1.0, v) < 0):
+        bits = 0x8000
+    a = abs(np.float64(v))
+    if a == math.inf:
+        bits |= 0x7C00
+    elif a != 0.0:
+        m, e = math.frexp(a)
+        if e - 1 < -14:  # subnormal: a multiple of 2**-24
+            bits |= int(math.ldexp(a, 24))
+        else:
+            bits |= ((e - 1 + 15) << 10) | int((m * 2.0 - 1.0) * 1024.0)
+    out[pos] = bits & 0xFF
+    out[pos + 1] = bits >> 8
+
+
+@njit(cache=True, error_model="numpy")
+def _make_qx_quants(n, nmax, x, L, qw, fbuf, ibuf):  # pragma: no cover - compiled
+    """make_qx_quants(n, nmax, x, L, rmse_type=1, qw) with weights: L gets levels + nmax."""
+    amax = _ZERO
+    vmax = _ZERO
+    for i in range(n):
+        ax = abs(x[i])
+        if ax > amax:
+            amax = ax
+            vmax = x[i]
+    if amax < _EPS:
+        for i in range(n):
+            L[i] = 0
+        return _ZERO
+    nmaxf = np.float32(nmax)
+    iscale = -nmaxf / vmax
+    sumlx = _ZERO
+    suml2 = _ZERO
+    for i in range(n):
+        l = _nearest_int(iscale * x[i], fbuf, ibuf)
+        l = max(-nmax, min(nmax - 1, l))
+        L[i] = l + nmax
+        fl = np.float32(l)
+        w = qw[i]
+        sumlx = sumlx + w * x[i] * fl
+        suml2 = suml2 + w * fl * fl
+    scale = sumlx / suml2 if suml2 != _ZERO else _ZERO
+    best = scale * sumlx
+    for step in range(-9, 10):
+        if step == 0:
+            continue
+        iscale = -(nmaxf + _TENTH * np.float32(step)) / vmax
+        sumlx = _ZERO
+        suml2 = _ZERO
+        for i in range(n):
+            l = _nearest_int(iscale * x[i], fbuf, ibuf)
+            l = max(-nmax, min(nmax - 1, l))
+            fl = np.float32(l)
+            w = qw[i]
+            sumlx = sumlx + w * x[i] * fl
+            suml2 = suml2 + w * fl * fl
+        if suml2 > _ZERO and sumlx * sumlx > best * suml2:
+            for i in range(n):
+                l = _nearest_int(iscale * x[i], fbuf, ibuf)
+                L[i] = nmax + max(-nmax, min(nmax - 1, l))
+            scale = sumlx / suml2
+            best = scale * sumlx
+    return scale
+
+
+@njit(cache=True, error_model="numpy")
+def _make_qkx3_quants(n, nmax, x, weights, L, Laux, fbuf, ibuf):  # pragma: no cover - compiled
+    """make_qkx3_quants(n, nmax, x, weights, L, &the_min, Laux, -0.9, 0.05, 36, false).
+
+    Returns (scale, the_min) where the_min is -min as in C."""
+    mn = x[0]
+    mx = x[0]
+    sum_w = weights[0]
+    sum_x = sum_w * x[0]
+    for i in range(1, n):
+        if x[i] < mn:
+            mn = x[i]
+        if x[i] > mx:
+            mx = x[i]
+        w = weights[i]
+        sum_w = sum_w + w
+        sum_x = sum_x + w * x[i]
+    if mn > _ZERO:
+        mn = _ZERO
+    if mx <= mn:
+        for i in range(n):
+            L[i] = 0
+        return _ZERO, -mn
+    nmaxf = np.float32(nmax)
+    iscale = nmaxf / (mx - mn)
+    scale = _ONE / iscale
+    best_mad = _ZERO
+    for i in range(n):
+        l = _nearest_int(iscale * (x[i] - mn), fbuf, ibuf)
+        l = max(0, min(nmax, l))
+        L[i] = l
+        diff = scale * np.float32(l) + mn - x[i]
+        diff = diff * diff
+        best_mad = best_mad + weights[i] * diff
+    for step in range(37):
+        iscale = (_RMIN + _RDELTA * np.float32(step) + nmaxf) / (mx - mn)
+        sum_l = _ZERO
+        sum_l2 = _ZERO
+        sum_xl = _ZERO
+        for i in range(n):
+            l = _nearest_int(iscale * (x[i] - mn), fbuf, ibuf)
+            l = max(0, min(nmax, l))
+            Laux[i] = l
+            fl = np.float32(l)
+            w = weights[i]
+            sum_l = sum_l + w * fl
+            sum_l2 = sum_l2 + w * fl * fl
+            sum_xl = sum_xl + w * fl * x[i]
+        D = sum_w * sum_l2 - sum_l * sum_l
+        if D > _ZERO:
+            this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
+            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
+            if this_min > _ZERO:
+                this_min = _ZERO
+                this_scale = sum_xl / sum_l2
+            mad = _ZERO
+            for i in range(n):
+                diff = this_scale * np.float32(Laux[i]) + this_min - x[i]
+                diff = diff * diff
+                mad = mad + weights[i] * diff
+            if mad < best_mad:
+                for i in range(n):
+                    L[i] = Laux[i]
+                best_mad = mad
+                scale = this_scale
+                mn = this_min
+    return scale, -mn
+
+
+@njit(cache=True, error_model="numpy")
+def _make_qp_quants(n, nmax, x, L, qw, fbuf, ibuf):  # pragma: no cover - compiled
+    """make_qp_quants(n, nmax, x, L, quant_weights); L is uint8 in C, hence the & 0xFF."""
+    mx = _ZERO
+    for i in range(n):
+        mx = max(mx, x[i])
+    if mx < _EPS:
+        for i in range(n):
+            L[i] = 0
+        return _ZERO
+    nmaxf = np.float32(nmax)
+    iscale = nmaxf / mx
+    for i in range(n):
+        L[i] = _nearest_int(iscale * x[i], fbuf, ibuf) & 0xFF
+    scale = _ONE / iscale
+    best_mse = _ZERO
+    for i in range(n):
+        diff = x[i] - scale * np.float32(L[i])
+        best_mse = best_mse + qw[i] * diff * diff
+    for step in range(-4, 5):
+        if step == 0:
+            continue
+        iscale_is = (_TENTH * np.float32(step) + nmaxf) / mx
+        scale_is = _ONE / iscale_is
+        mse = _ZERO
+        for i in range(n):
+            l = min(nmax, _nearest_int(iscale_is * x[i], fbuf, ibuf))
+            diff = x[i] - scale_is * np.float32(l)
+            mse = mse + qw[i] * diff * diff
+        if mse < best_mse:
+            best_mse = mse
+            iscale = iscale_is
+    sumlx = _ZERO
+    suml2 = _ZERO
+    for i in range(n):
+        l = min(nmax, _nearest_int(iscale * x[i], fbuf, ibuf))
+        L[i] = l & 0xFF
+        fl = np.float32(L[i])
+        w = qw[i]
+        sumlx = sumlx + w * x[i] * fl
+        suml2 = suml2 + w * fl * fl
+    for _ in range(5):
+        n_changed = 0
+        for i in range(n):
+            w = qw[i]
+            fl = np.float32(L[i])
+            slx = sumlx - w * x[i] * fl
+            sl2 = suml2 - w * fl * fl
+            if slx > _ZERO and sl2 > _ZERO:
+                new_l = min(nmax, _nearest_int(x[i] * sl2 / slx, fbuf, ibuf))
+                if new_l != L[i]:
+                    fn = np.float32(new_l)
+                    slx = slx + w * x[i] * fn
+                    sl2 = sl2 + w * fn * fn
+                    if slx * slx * suml2 > sumlx * sumlx * sl2:
+                        L[i] = new_l & 0xFF
+                        sumlx = slx
+                        suml2 = sl2
+                        n_changed += 1
+        if n_changed == 0:
+            break
+    return sumlx / suml2 if suml2 > _ZERO else _ZERO
+
+
+@njit(inline="always", cache=True, error_model="numpy")
+def _row_sigma2(x, n):  # pragma: no cover - compiled
+    sum_x2 = _ZERO
+    for j in range(n):
+        sum_x2 = sum_x2 + x[j] * x[j]
+    return sum_x2 / np.float32(n)
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def q4_0(X, QW, OUT):  # pragma: no cover - compiled
+    """quantize_row_q4_0_impl: weights qw * sqrt(sigma2 + x^2), make_qx_quants(32, 8)."""
+    rows, n = X.shape
+    weight = np.empty(32, np.float32)
+    L = np.empty(32, np.int64)
+    fbuf = np.empty(1, np.float32)
+    ibuf = fbuf.view(np.int32)
+    for r in range(rows):
+        x = X[r]
+        sigma2 = _row_sigma2(x, n)
+        for ib in range(n // 32):
+            xb = x[32 * ib : 32 * ib + 32]
+            for j in range(32):
+                weight[j] = QW[32 * ib + j] * np.sqrt(sigma2 + xb[j] * xb[j])
+            d = _fp16_round(_make_qx_quants(32, 8, xb, L, weight, fbuf, ibuf))
+            o = 18 * ib
+            _put_fp16(OUT[r], o, d)
+            for j in range(16):
+                OUT[r, o + 2 + j] = L[j] | (L[j + 16] << 4)
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def q5_0(X, QW, OUT):  # pragma: no cover - compiled
+    """quantize_row_q5_0_impl: as Q4_0 with make_qx_quants(32, 16) and the fifth bits in qh."""
+    rows, n = X.shape
+    weight = np.empty(32, np.float32)
+    L = np.empty(32, np.int64)
+    fbuf = np.empty(1, np.float32)
+    ibuf = fbuf.view(np.int32)
+    for r in range(rows):
+        x = X[r]
+        sigma2 = _row_sigma2(x, n)
+        for ib in range(n // 32):
+            xb = x[32 * ib : 32 * ib + 32]
+            for j in range(32):
+                weight[j] = QW[32 * ib + j] * np.sqrt(sigma2 + xb[j] * xb[j])
+            d = _fp16_round(_make_qx_quants(32, 16, xb, L, weight, fbuf, ibuf))
+            o = 22 * ib
+            _put_fp16(OUT[r], o, d)
+            qh = 0
+            for j in range(16):
+                x0 = L[j]
+                x1 = L[j + 16]
+                OUT[r, o + 6 + j] = (x0 & 0x0F) | ((x1 & 0x0F) << 4)
+                qh |= ((x0 & 0x10) >> 4) << j
+                qh |= ((x1 & 0x10) >> 4) << (j + 16)
+            for k in range(4):
+                OUT[r, o + 2 + k] = (qh >> (8 * k)) & 0xFF
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def q4_1(X, QW, OUT):  # pragma: no cover - compiled
+    """quantize_row_q4_1_impl: weights qw * sqrt(sigma2 + x^2), make_qkx3_quants(32, 15)."""
+    rows, n = X.shape
+    weight = np.empty(32, np.float32)
+    L = np.empty(32, np.int64)
+    Laux = np.empty(32, np.int64)
+    fbuf = np.empty(1, np.float32)
+    ibuf = fbuf.view(np.int32)
+    for r in range(rows):
+        x = X[r]
+        sigma2 = _row_sigma2(x, n)
+        for ib in range(n // 32):
+            xb = x[32 * ib : 32 * ib + 32]
+            for j in range(32):
+                weight[j] = QW[32 * ib + j] * np.sqrt(sigma2 + xb[j] * xb[j])
+            d, the_min = _make_qkx3_quants(32, 15, xb, weight, L, Laux, fbuf, ibuf)
+            o = 20 * ib
+            _put_fp16(OUT[r], o, _fp16_round(d))
+            _put_fp16(OUT[r], o + 2, _fp16_round(-the_min))
+            for j in range(16):
+                OUT[r, o + 4 + j] = L[j] | (L[j + 16] << 4)
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def q5_1(X, QW, OUT):  # pragma: no cover - compiled
+    """quantize_row_q5_1_impl: as Q4_1 with make_qkx3_quants(32, 31) and the fifth bits in qh."""
+    rows, n = X.shape
+    weight = np.empty(32, np.float32)
+    L = np.empty(32, np.int64)
+    Laux = np.empty(32, np.int64)
+    fbuf = np.empty(1, np.float32)
+    ibuf = fbuf.view(np.int32)
+    for r in range(rows):
+        x = X[r]
+        sigma2 = _row_sigma2(x, n)
+        for ib in range(n // 32):
+            xb = x[32 * ib : 32 * ib + 32]
+            for j in range(32):
+                weight[j] = QW[32 * ib + j] * np.sqrt(sigma2 + xb[j] * xb[j])
+            d, the_min = _make_qkx3_quants(32, 31, xb, weight, L, Laux, fbuf, ibuf)
+            o = 24 * ib
+            _put_fp16(OUT[r], o, _fp16_round(d))
+            _put_fp16(OUT[r], o + 2, _fp16_round(-the_min))
+            qh = 0
+            for j in range(16):
+                x0 = L[j]
+                x1 = L[j + 16]
+                OUT[r, o + 8 + j] = (x0 & 0x0F) | ((x1 & 0x0F) << 4)
+                qh |= ((x0 & 0x10) >> 4) << j
+                qh |= ((x1 & 0x10) >> 4) << (j + 16)
+            for k in range(4):
+                OUT[r, o + 4 + k] = (qh >> (8 * k)) & 0xFF
+
+
+@njit(inline="always", cache=True, error_model="numpy")
+def _scale_min_k4(j, q):  # pragma: no cover - compiled
+    """get_scale_min_k4: the 6-bit scale and min of sub-block j from the 12 packed bytes."""
+    if j < 4:
+        return q[j] & 63, q[j + 4] & 63
+    return (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4), (q[j + 4] >> 4) | ((q[j] >> 6) << 4)
+
+
+@njit(cache=True, error_model="numpy")
+def _qkx_superblock(x, qw, nmax, clamp63, L, sc, Laux, weights, scales, mins, sw, Ls, Lm, fbuf, ibuf):  # pragma: no cover - compiled
+    """The shared part of quantize_row_q4_K_impl / q5_K_impl for one 256-weight super-block:
+    fills L (levels), sc (the 12 packed scale bytes) and returns (d, dmin) rounded to fp16."""
+    sum_x2 = _ZERO
+    for i in range(_QK_K):
+        sum_x2 = sum_x2 + x[i] * x[i]
+    sigma2 = _TWO * sum_x2 / np.float32(_QK_K)
+    for j in range(8):
+        for i in range(32):
+            xi = x[32 * j + i]
+            weights[i] = qw[32 * j + i] * np.sqrt(sigma2 + xi * xi)
+        sumw = _ZERO
+        for i in range(32):
+            sumw = sumw + weights[i]
+        sw[j] = sumw
+        s, m = _make_qkx3_quants(32, nmax, x[32 * j : 32 * j + 32], weights, L[32 * j : 32 * j + 32], Laux, fbuf, ibuf)
+        scales[j] = s
+        mins[j] = m
+    d_block = _fp16_round(_make_qp_quants(8, 63, scales, Ls, sw, fbuf, ibuf))
+    m_block = _fp16_round(_make_qp_quants(8, 63, mins, Lm, sw, fbuf, ibuf))
+    for j in range(12):
+        sc[j] = 0
+    for j in range(8):
+        ls = min(63, Ls[j]) if clamp63 else Ls[j]
+        lm = min(63, Lm[j]) if clamp63 else Lm[j]
+        if j < 4:
+            sc[j] = ls
+            sc[j + 4] = lm
+        else:
+            sc[j + 4] = (ls & 0xF) | ((lm & 0xF) << 4)
+            sc[j - 4] |= (ls >> 4) << 6
+            sc[j] |= (lm >> 4) << 6
+    for j in range(12):
+        sc[j] &= 0xFF  # uint8 in C
+    for j in range(8):
+        s6, m6 = _scale_min_k4(j, sc)
+        d = d_block * np.float32(s6)
+        if d == _ZERO:
+            continue
+        dm = m_block * np.float32(m6)
+        for i in range(32):
+            l = _nearest_int((x[32 * j + i] + dm) / d, fbuf, ibuf)
+            L[32 * j + i] = max(0, min(nmax, l))
+    return d_block, m_block
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def q4_k(X, QW, OUT):  # pragma: no cover - compiled
+    """quantize_row_q4_K_impl."""
+    rows, n = X.shape
+    L = np.zeros(_QK_K, np.int64)
+    Laux = np.empty(32, np.int64)
+    sc = np.zeros(12, np.int64)
+    weights = np.empty(32, np.float32)
+    scales = np.empty(8, np.float32)
+    mins = np.empty(8, np.float32)
+    sw = np.empty(8, np.float32)
+    Ls = np.empty(8, np.int64)
+    Lm = np.empty(8, np.int64)
+    fbuf = np.empty(1, np.float32)
+    ibuf = fbuf.view(np.int32)
+    for r in range(rows):
+        for ibk in range(n // _QK_K):
+            x = X[r, _QK_K * ibk : _QK_K * ibk + _QK_K]
+            qw = QW[_QK_K * ibk : _QK_K * ibk + _QK_K]
+            d, dmin = _qkx_superblock(x, qw, 15, False, L, sc, Laux, weights, scales, mins, sw, Ls, Lm, fbuf, ibuf)
+            o = 144 * ibk
+            _put_fp16(OUT[r], o, d)
+            _put_fp16(OUT[r], o + 2, dmin)
+            for j in range(12):
+                OUT[r, o + 4 + j] = sc[j] & 0xFF
+            q = o + 16
+            for j in range(0, _QK_K, 64):
+                for i in range(32):
+                    OUT[r, q + i] = L[j + i] | (L[j + i + 32] << 4)
+                q += 32
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def q5_k(X, QW, OUT):  # pragma: no cover - compiled
+    """quantize_row_q5_K_impl."""
+    rows, n = X.shape
+    L = np.zeros(_QK_K, np.int64)
+    Laux = np.empty(32, np.int64)
+    sc = np.zeros(12, np.int64)
+    weights = np.empty(32, np.float32)
+    scales = np.empty(8, np.float32)
+    mins = np.empty(8, np.float32)
+    sw = np.empty(8, np.float32)
+    Ls = np.empty(8, np.int64)
+    Lm = np.empty(8, np.int64)
+    fbuf = np.empty(1, np.float32)
+    ibuf = fbuf.view(np.int32)
+    for r in range(rows):
+        for ibk in range(n // _QK_K):
+            x = X[r, _QK_K * ibk : _QK_K * ibk + _QK_K]
+            qw = QW[_QK_K * ibk : _QK_K * ibk + _QK_K]
+            d, dmin = _qkx_superblock(x, qw, 31, True, L, sc, Laux, weights, scales, mins, sw, Ls, Lm, fbuf, ibuf)
+            o = 176 * ibk
+            _put_fp16(OUT[r], o, d)
+            _put_fp16(OUT[r], o + 2, dmin)
+            for j in range(12):
+                OUT[r, o + 4 + j] = sc[j] & 0xFF
+            qh = o + 16
+            ql = o + 48
+            for i in range(32):
+                OUT[r, qh + i] = 0
+            m1 = 1
+            m2 = 2
+            for base in range(0, _QK_K, 64):
+                for j in range(32):
+                    l1 = L[base + j]
+                    if l1 > 15:
+                        l1 -= 16
+                        OUT[r, qh + j] |= m1
+                    l2 = L[base + j + 32]
+                    if l2 > 15:
+                        l2 -= 16
+                        OUT[r, qh + j] |= m2
+                    OUT[r, ql + j] = l1 | (l2 << 4)
+                m1 <<= 2
+                m2 <<= 2
+                ql += 32
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def q6_k(X, QW, OUT):  # pragma: no cover - compiled
+    """quantize_row_q6_K_impl: make_qx_quants(16, 32) weighted by qw directly (no sigma2 term)."""
+    rows, n = X.shape
+    L = np.zeros(_QK_K, np.int64)
+    scales = np.empty(16, np.float32)
+    isc = np.empty(16, np.int64)
+    fbuf = np.empty(1, np.float32)
+    ibuf = fbuf.view(np.int32)
+    for r in range(rows):
+        for ibk in range(n // _QK_K):
+            x = X[r, _QK_K * ibk : _QK_K * ibk + _QK_K]
+            qw = QW[_QK_K * ibk : _QK_K * ibk + _QK_K]
+            o = 210 * ibk
+            max_scale = _ZERO
+            max_abs_scale = _ZERO
+            for ib in range(16):
+                s = _make_qx_quants(16, 32, x[16 * ib : 16 * ib + 16], L[16 * ib : 16 * ib + 16], qw[16 * ib : 16 * ib + 16], fbuf, ibuf)
+                scales[ib] = s
+                if abs(s) > max_abs_scale:
+                    max_abs_scale = abs(s)
+                    max_scale = s
+            if max_abs_scale < _EPS:
+                for k in range(210):
+                    OUT[r, o + k] = 0
+                continue
+            iscale = np.float32(-128.0) / max_scale
+            d = _fp16_round(_ONE / iscale)
+            _put_fp16(OUT[r], o + 208, d)
+            for ib in range(16):
+                v = min(127, _nearest_int(iscale * scales[ib], fbuf, ibuf))
+                # int8 in C: keep the two's-complement value for the multiply below
+                v = ((v + 128) & 0xFF) - 128
+                isc[ib] = v
+                OUT[r, o + 192 + ib] = v & 0xFF
+            for j in range(16):
+                dj = d * np.float32(isc[j])
+                if dj == _ZERO:
+                    continue
+                for i in range(16):
+                    l = _nearest_int(x[16 * j + i] / dj, fbuf, ibuf)
+                    L[16 * j + i] = max(-32, min(31, l)) + 32
+            ql = o
+            qh = o + 128
+            for base in range(0, _QK_K, 128):
+                for i in range(32):
+                    q1 = L[base + i] & 0xF
+                    q2 = L[base + i + 32] & 0xF
+                    q3 = L[base + i + 64] & 0xF
+                    q4 = L[base + i + 96] & 0xF
+                    OUT[r, ql + i] = q1 | (q3 << 4)
+                    OUT[r, ql + i + 32] = q2 | (q4 << 4)
+                    OUT[r, qh + i] = (
+                        (L[base + i] >> 4)
+                        | ((L[base + i + 32] >> 4) << 2)
+                        | ((L[base + i + 64] >> 4) << 4)
+                        | ((L[base + i + 96] >> 4) << 6)
+                    )
+                ql += 64
+                qh += 32
