@@ -20,6 +20,7 @@ COMMANDS: dict[str, str] = {
     "rank": "lora2gguf.ranking",
     "merge": "lora2gguf.merge",
     "convert": "lora2gguf.gguf_convert.cli",
+    "imatrix": "lora2gguf.imatrix.cli",
     "quantize": "lora2gguf.quant.cli",
     "test": "lora2gguf.evaluate.generate",
     "compare": "lora2gguf.evaluate.compare",

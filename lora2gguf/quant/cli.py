@@ -34,6 +34,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--pure", action="store_true", help="no per-tensor mixture: every weight matrix gets the default type"
     )
     parser.add_argument(
+        "--imatrix",
+        metavar="FILE",
+        default=None,
+        help="importance matrix (llama.cpp imatrix GGUF, e.g. from lora2gguf imatrix): weight the "
+        "quantization error of each column by it, as llama-quantize --imatrix",
+    )
+    parser.add_argument(
         "--sidecar",
         metavar="PATH",
         default=None,
@@ -55,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
         output_tensor_type=args.output_tensor_type,
         token_embedding_type=args.token_embedding_type,
         pure=args.pure,
+        imatrix=args.imatrix,
     )
     quantize_gguf(args.input, args.output, options, sidecar=args.sidecar)
     return 0

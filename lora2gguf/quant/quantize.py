@@ -29,6 +29,7 @@ import numpy as np
 
 from lora2gguf.artifacts import atomic_file, sha256_file, write_json
 from lora2gguf.errors import Lora2ggufError
+from lora2gguf.imatrix.fileformat import Imatrix, read_imatrix
 from lora2gguf.provenance import PeakMemory, device_info, package_versions
 from lora2gguf.quant import blocks
 from lora2gguf.quant.gguf_io import GGUFFile, RawKVWriter, TensorEntry, copy_metadata, read_gguf
@@ -61,6 +62,7 @@ class QuantizeOptions:
     output_tensor_type: str | None = None
     token_embedding_type: str | None = None
     pure: bool = False
+    imatrix: str | None = None  # llama.cpp imatrix GGUF: importance-weighted quantization
 
 
 def default_sidecar(out_path: str | os.PathLike[str]) -> Path:
@@ -108,9 +110,11 @@ class _Job:
     entry: TensorEntry
     rows: tuple[int, int] | None  # None: copy the tensor's bytes unchanged
     last: bool  # the tensor's final chunk: pad and release its input pages after it
+    # importance per column, one row per matrix (experts stack n_mat matrices), or None
+    weights: np.ndarray | None = None
 
 
-def _jobs(plan: Plan, by_name: dict[str, TensorEntry]) -> Iterator[_Job]:
+def _jobs(plan: Plan, by_name: dict[str, TensorEntry], importance: dict[str, np.ndarray]) -> Iterator[_Job]:
     for c in plan.choices:
         entry = by_name[c.name]
         if not c.converts:
@@ -119,20 +123,61 @@ def _jobs(plan: Plan, by_name: dict[str, TensorEntry]) -> Iterator[_Job]:
         n_rows = entry.n_elements // c.shape[0]
         chunks = _row_chunks(n_rows, c.shape[0])
         for k, bounds in enumerate(chunks):
-            yield _Job(c, entry, bounds, k == len(chunks) - 1)
+            yield _Job(c, entry, bounds, k == len(chunks) - 1, importance.get(c.name))
 
 
 def _convert(job: _Job) -> np.ndarray:
     """Decode a chunk of source rows to float32 and encode it in the target type."""
     c, (r0, r1) = job.choice, job.rows  # type: ignore[misc]
     n_per_row = c.shape[0]
-    src_rows = job.entry.data.reshape(job.entry.n_elements // n_per_row, -1)
+    n_rows = job.entry.n_elements // n_per_row
+    src_rows = job.entry.data.reshape(n_rows, -1)
     values = blocks.decode(c.src_type, src_rows[r0:r1], n_per_row)
     finite = np.isfinite(values)
     if not finite.all():
         bad = r0 + int(np.argwhere(~finite)[0][0])
         raise Lora2ggufError(f"tensor {c.name}: non-finite value (NaN or Inf) in row {bad}")
-    return blocks.encode(c.dst_type, values)
+    if job.weights is None:
+        return blocks.encode(c.dst_type, values)
+    # each stacked matrix (expert) has its own importance row, as llama.cpp's imatrix_for_row
+    rows_per_mat = n_rows // job.weights.shape[0]
+    parts = []
+    start = r0
+    while start < r1:
+        mat = start // rows_per_mat
+        stop = min(r1, (mat + 1) * rows_per_mat)
+        parts.append(blocks.encode(c.dst_type, values[start - r0 : stop - r0], job.weights[mat]))
+        start = stop
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+def _match_imatrix(path: Path, plan: Plan, imatrix: Imatrix) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Importance rows for every converted tensor the imatrix covers, checked as llama.cpp does:
+    a size mismatch is an error (except token_embd), a missing entry quantizes that tensor plainly."""
+    weights: dict[str, np.ndarray] = {}
+    missing: list[str] = []
+    for c in plan.choices:
+        if not c.converts or c.dst_type in ("F32", "F16", "BF16"):
+            continue
+        entry = imatrix.entries.get(c.name)
+        if entry is None:
+            missing.append(c.name)
+            continue
+        n_per_row = c.shape[0]
+        n_mat = int(np.prod(c.shape[2:])) if len(c.shape) > 2 else 1
+        values = entry.importance()
+        if values.size != n_per_row * n_mat:
+            if c.name.startswith("token_embd."):
+                logger.info("%s: imatrix size %d differs from tensor %s; ignored", path, values.size, c.name)
+                continue
+            raise Lora2ggufError(
+                f"{path}: imatrix entry {c.name} has {values.size} values, tensor {c.name} needs "
+                f"{n_per_row * n_mat} ({n_per_row} columns x {n_mat} matrices): imatrix of another model?"
+            )
+        weights[c.name] = values.reshape(n_mat, n_per_row)
+    for name in missing:
+        logger.info("%s: no imatrix entry for %s; quantized without importance weights", path, name)
+    return weights, missing
 
 
 def _write_data(
@@ -142,6 +187,7 @@ def _write_data(
     plan: Plan,
     sizes_out: dict[str, int],
     threads: int,
+    importance: dict[str, np.ndarray],
 ) -> None:
     """Stream every tensor's data in plan order. Chunks of all tensors form one queue, so small
     tensors (one chunk each) still keep every thread busy; results are written in order and at
@@ -149,7 +195,7 @@ def _write_data(
     from tqdm import tqdm
 
     by_name = {t.name: t for t in reader.tensors}
-    jobs = _jobs(plan, by_name)
+    jobs = _jobs(plan, by_name, importance)
     window = 2 * threads + 2
     pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="quant") if threads > 1 else None
     pending: collections.deque[tuple[_Job, concurrent.futures.Future[np.ndarray] | None]] = (
@@ -238,6 +284,7 @@ def quantize_gguf(
         # The input's hash runs beside the quantization (hashlib releases the GIL); the
         # output's is computed from the bytes as they are written.
         input_hash = hasher.submit(sha256_file, src)
+        imatrix = read_imatrix(options.imatrix) if options.imatrix else None
         reader = read_gguf(src)
         model = ModelInfo.from_metadata(reader.metadata, str(src))
         plan = plan_types(
@@ -247,8 +294,13 @@ def quantize_gguf(
             output_tensor_type=options.output_tensor_type,
             token_embedding_type=options.token_embedding_type,
             pure=options.pure,
+            has_imatrix=imatrix is not None,
         )
         _check_requantize(src, plan, options.allow_requantize)
+        importance: dict[str, np.ndarray] = {}
+        unweighted: list[str] = []
+        if imatrix is not None:
+            importance, unweighted = _match_imatrix(Path(options.imatrix), plan, imatrix)
         for c in plan.choices:
             if c.converts and c.dst_type not in blocks.ENCODABLE:
                 raise Lora2ggufError(f"tensor {c.name}: cannot write type {c.dst_type}")
@@ -267,7 +319,9 @@ def quantize_gguf(
         )
         sizes_out = {c.name: tensor_bytes(c.dst_type, c.shape) for c in plan.choices}
         with atomic_file(dst) as temp:
-            output_sha256 = _write_file(reader, temp, plan, model, threads, sizes_out)
+            output_sha256 = _write_file(
+                reader, temp, plan, model, threads, sizes_out, importance, _imatrix_metadata(options, imatrix)
+            )
             input_sha256 = input_hash.result()
             by_name = {t.name: t for t in reader.tensors}
             n_elements = sum(int(np.prod(c.shape)) for c in plan.choices)
@@ -278,6 +332,7 @@ def quantize_gguf(
             )
             report["input"]["sha256"] = input_sha256
             report["output"]["sha256"] = output_sha256
+            report["imatrix"] = _imatrix_report(options, imatrix, plan, importance, unweighted)
             # wall time of the whole step: parse, plan, quantize, write, hash (not the sidecar itself)
             report["time_s"] = round(time.perf_counter() - started, 3)
             report["memory"] = {**mem.as_dict(), "peak_rss_mb": round(max(mem.peak_rss_mb, _rss_now_mb()), 1)}
@@ -321,8 +376,58 @@ def _rss_now_mb() -> float:
         return 0.0
 
 
+def _imatrix_metadata(
+    options: QuantizeOptions, imatrix: Imatrix | None
+) -> dict[str, tuple[Any, gguf.GGUFValueType]]:
+    """The quantize.imatrix.* keys llama-quantize records (its kv overrides), in its order."""
+    if imatrix is None:
+        return {}
+    meta: dict[str, tuple[Any, gguf.GGUFValueType]] = {
+        # llama-quantize stores the path as given, cut to 127 bytes
+        "quantize.imatrix.file": (str(options.imatrix)[:127], gguf.GGUFValueType.STRING)
+    }
+    if imatrix.datasets:
+        meta["quantize.imatrix.dataset"] = (imatrix.datasets[0][:127], gguf.GGUFValueType.STRING)
+    meta["quantize.imatrix.entries_count"] = (len(imatrix.entries), gguf.GGUFValueType.UINT32)
+    if imatrix.chunk_count > 0:
+        meta["quantize.imatrix.chunks_count"] = (imatrix.chunk_count, gguf.GGUFValueType.UINT32)
+    return meta
+
+
+def _imatrix_report(
+    options: QuantizeOptions,
+    imatrix: Imatrix | None,
+    plan: Plan,
+    importance: dict[str, np.ndarray],
+    unweighted: list[str],
+) -> dict[str, Any] | None:
+    if imatrix is None:
+        return None
+    weighted_types = {c.name: c.dst_type for c in plan.choices if c.name in importance}
+    return {
+        "path": str(options.imatrix),
+        "sha256": sha256_file(options.imatrix),  # type: ignore[arg-type]
+        "entries": len(imatrix.entries),
+        "datasets": imatrix.datasets,
+        "chunk_count": imatrix.chunk_count,
+        "chunk_size": imatrix.chunk_size,
+        # Q8_0 (like F16) has no importance-weighted quantizer in llama.cpp: its tensors are counted
+        # as matched but their bytes do not change.
+        "tensors_matched": len(importance),
+        "tensors_weighted": sum(1 for t in weighted_types.values() if t in blocks.WEIGHTED_TYPES),
+        "tensors_without_entry": unweighted,
+    }
+
+
 def _write_file(
-    reader: GGUFFile, path: Path, plan: Plan, model: ModelInfo, threads: int, sizes_out: dict[str, int]
+    reader: GGUFFile,
+    path: Path,
+    plan: Plan,
+    model: ModelInfo,
+    threads: int,
+    sizes_out: dict[str, int],
+    importance: dict[str, np.ndarray],
+    extra_metadata: dict[str, tuple[Any, gguf.GGUFValueType]],
 ) -> str:
     """Write the whole output file; returns its sha256."""
     # gguf-py logs the temporary file name at INFO; our own log names the real output.
@@ -334,6 +439,7 @@ def _write_file(
         overrides={
             "general.quantization_version": (QUANTIZATION_VERSION, gguf.GGUFValueType.UINT32),
             "general.file_type": (plan.llama_ftype, gguf.GGUFValueType.UINT32),
+            **extra_metadata,
         },
     )
     for c in plan.choices:
@@ -357,7 +463,7 @@ def _write_file(
     fout = writer.fout[0]
     writer.write_padding(fout, fout.tell())
     try:
-        _write_data(fout, writer, reader, plan, sizes_out, threads)
+        _write_data(fout, writer, reader, plan, sizes_out, threads, importance)
     finally:
         writer.close()
     return hashing.digest.hexdigest()
@@ -422,6 +528,7 @@ def _report(
             "output_tensor_type": options.output_tensor_type,
             "token_embedding_type": options.token_embedding_type,
             "pure": options.pure,
+            "imatrix": options.imatrix,
         },
         "threads": threads,
         "n_tensors": len(plan.choices),

@@ -303,7 +303,8 @@ def _checked_type(kind: str, type_name: str | None) -> str | None:
 class _Counters:
     """Running state of llama.cpp's quantize_state_impl that the recipe reads."""
 
-    def __init__(self, specs: list[TensorSpec], model: ModelInfo) -> None:
+    def __init__(self, specs: list[TensorSpec], model: ModelInfo, has_imatrix: bool = False) -> None:
+        self.has_imatrix = has_imatrix
         self.n_attention_wv = sum(1 for s in specs if _category(s.name) in _ATTN_V_LIKE)
         self.i_attention_wv = 0
         self.n_ffn_down = model.n_layer
@@ -384,6 +385,10 @@ def _mixture_type(
             new_type, rule = "Q6_K", f"use_more_bits({i}, {n}): Q6_K"
         elif ftype == "Q4_K_S" and not falcon and i < n // 8:
             new_type, rule = "Q5_K", f"layer {i} < {n}/8: Q5_K"
+        elif ftype in ("Q4_0", "Q5_0") and st.has_imatrix and i < n // 8:
+            # llama.cpp guards the first ffn_down layers when (and only when) an imatrix is given
+            new_type = "Q4_1" if ftype == "Q4_0" else "Q5_1"
+            rule = f"imatrix, layer {i} < {n}/8: {new_type}"
         st.i_ffn_down += 1
         return new_type, rule
     if cat == "attn_output":
@@ -416,9 +421,10 @@ def plan_types(
     output_tensor_type: str | None = None,
     token_embedding_type: str | None = None,
     pure: bool = False,
+    has_imatrix: bool = False,
 ) -> Plan:
-    """Decide every tensor's type the way ``llama_model_quantize`` does (no imatrix, no overrides
-    by pattern); tensors come back in llama.cpp's write order."""
+    """Decide every tensor's type the way ``llama_model_quantize`` does (no overrides by pattern;
+    ``has_imatrix`` as when importance data is given); tensors come back in llama.cpp's write order."""
     ftype = canonical_type(file_type)
     info = FILE_TYPES[ftype]
     default = info.default_tensor_type
@@ -430,7 +436,7 @@ def plan_types(
     if len(set(names)) != len(names):
         dup = sorted({n for n in names if names.count(n) > 1})
         raise Lora2ggufError(f"duplicate tensor names in the input: {', '.join(dup)}")
-    st = _Counters(ordered, model)
+    st = _Counters(ordered, model, has_imatrix)
     plan = Plan(file_type=ftype, llama_ftype=info.llama_ftype, default_type=default, tied_embeddings=st.tied)
 
     for spec in ordered:

@@ -100,8 +100,13 @@ def llama_quantize_file(
     token_embedding_type: str | None = None,
     pure: bool = False,
     allow_requantize: bool = False,
+    imatrix: str | os.PathLike[str] | None = None,
 ) -> None:
-    """Quantize with llama.cpp's ``llama_model_quantize`` (raises when it reports failure)."""
+    """Quantize with llama.cpp's ``llama_model_quantize`` (raises when it reports failure).
+
+    With ``imatrix``, does what llama-quantize --imatrix does around that call: the per-tensor
+    importance (sums / counts) goes in ``params.imatrix`` and the quantize.imatrix.* keys in
+    ``params.kv_overrides``, in the tool's order."""
     import gguf
     import llama_cpp
 
@@ -115,9 +120,49 @@ def llama_quantize_file(
         params.output_tensor_type = int(gguf.GGMLQuantizationType[output_tensor_type])
     if token_embedding_type:
         params.token_embedding_type = int(gguf.GGMLQuantizationType[token_embedding_type])
+    keep_alive: list[object] = []
+    if imatrix is not None:
+        _set_imatrix(params, imatrix, keep_alive)
     status = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     if status != 0:
         raise RuntimeError(f"llama_model_quantize({src} -> {dst}, {file_type}) failed with status {status}")
+
+
+def _set_imatrix(params: object, path: str | os.PathLike[str], keep_alive: list[object]) -> None:
+    import llama_cpp
+
+    from lora2gguf.imatrix.fileformat import read_imatrix
+
+    imatrix = read_imatrix(path)
+    entries = (llama_cpp.llama_model_imatrix_data * (len(imatrix.entries) + 1))()
+    for k, (name, entry) in enumerate(imatrix.entries.items()):
+        values = np.ascontiguousarray(entry.importance(), dtype=np.float32)
+        keep_alive.append(values)
+        entries[k].name = name.encode()
+        entries[k].data = values.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        entries[k].size = values.size
+    keep_alive.append(entries)  # the terminator (name NULL) is the zeroed last element
+    overrides: list[tuple[str, int, object]] = [
+        ("quantize.imatrix.file", llama_cpp.LLAMA_KV_OVERRIDE_TYPE_STR, str(path)[:127].encode())
+    ]
+    if imatrix.datasets:
+        overrides.append(
+            ("quantize.imatrix.dataset", llama_cpp.LLAMA_KV_OVERRIDE_TYPE_STR, imatrix.datasets[0][:127].encode())
+        )
+    overrides.append(("quantize.imatrix.entries_count", llama_cpp.LLAMA_KV_OVERRIDE_TYPE_INT, len(imatrix.entries)))
+    if imatrix.chunk_count > 0:
+        overrides.append(("quantize.imatrix.chunks_count", llama_cpp.LLAMA_KV_OVERRIDE_TYPE_INT, imatrix.chunk_count))
+    kvs = (llama_cpp.llama_model_kv_override * (len(overrides) + 1))()
+    for k, (key, tag, value) in enumerate(overrides):
+        kvs[k].key = key.encode()
+        kvs[k].tag = tag
+        if tag == llama_cpp.LLAMA_KV_OVERRIDE_TYPE_STR:
+            kvs[k].value.val_str = value
+        else:
+            kvs[k].value.val_i64 = value
+    keep_alive.append(kvs)
+    params.imatrix = entries  # type: ignore[attr-defined]
+    params.kv_overrides = kvs  # type: ignore[attr-defined]
 
 
 def make_f16_fixture(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Path:
