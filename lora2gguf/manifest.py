@@ -30,6 +30,8 @@ RULE_PATTERNS: tuple[tuple[str, str], ...] = (
     (r"(^|/)results/[^/]+/merge_report\.json$", "merge_adapter"),
     (r"(^|/)models/[^/]+-merged-gguf/model\.gguf$", "convert_gguf"),
     (r"(^|/)models/[^/]+-merged-gguf/model-[^/]+\.(gguf|json)$", "quantize_gguf"),
+    (r"(^|/)models/[^/]+-merged-gguf/imatrix\.gguf$", "compute_imatrix"),
+    (r"(^|/)results/[^/]+/imatrix\.json$", "compute_imatrix"),
     (r"(^|/)results/[^/]+/merged_model_test\.json$", "test_merged_model"),
     (r"(^|/)results/[^/]+/compare_models\.json$", "compare_models"),
     (r"(^|/)results/plots/[^/]+-(size-vs-kl|size-vs-perplexity|speed)\.png$", "plot_comparison"),

@@ -2,13 +2,25 @@ import json
 import shlex
 from pathlib import Path
 
-from lora2gguf.quant.types import file_tag, type_from_tag
+from lora2gguf.quant.types import quant_file_tag, split_quant_tag
 from lora2gguf.ranking import ADAPTER_CONFIG, METRIC_FILES, STATE_FILE
+
+
+def quant_tags():
+    """File tags of the configured quantizations: Q4_K_M -> q4_km, {type: Q4_K_M, imatrix: true} -> q4_km-imat."""
+    return [
+        (
+            quant_file_tag(t["type"], t["imatrix"])
+            if isinstance(t, dict)
+            else quant_file_tag(t)
+        )
+        for t in config["quantize"]["types"]
+    ]
 
 
 wildcard_constraints:
     model="|".join(sorted(config["candidates"])),
-    q="|".join(file_tag(t) for t in config["quantize"]["types"]),
+    q="|".join(quant_tags()),
     run="|".join(sorted(config["demo"].get("runs", {}))) or "(?!)",
 
 
@@ -24,9 +36,24 @@ def check_config_paths():
         keyed[f"candidates.{name}.base"] = cand["base"]
         keyed[f"candidates.{name}.run"] = cand["run"]
     keyed["evaluation.text"] = config["evaluation"]["text"]
+    if uses_imatrix():
+        if "calibration" not in config:
+            raise ValueError(
+                "config.yaml: calibration: required when a quantize.types entry has imatrix: true"
+            )
+        keyed["calibration.text"] = config["calibration"]["text"]
+        if Path(keyed["calibration.text"]).resolve() == Path(keyed["evaluation.text"]).resolve():
+            raise ValueError(
+                "config.yaml: calibration.text: is evaluation.text; the comparison would score "
+                "the imatrix files on their own calibration data"
+            )
     for key, path in keyed.items():
         if not is_demo_path(path) and not Path(path).exists():
             raise ValueError(f"config.yaml: {key}: path '{path}' does not exist")
+
+
+def uses_imatrix():
+    return any(t.endswith("-imat") for t in quant_tags())
 
 
 check_config_paths()
@@ -82,12 +109,42 @@ def run_inputs(wildcards):
     return folder_inputs(candidate_run(wildcards))
 
 
-def quant_tags():
-    return [file_tag(t) for t in config["quantize"]["types"]]
-
-
 def quant_type(wildcards):
-    return type_from_tag(wildcards.q)
+    return split_quant_tag(wildcards.q)[0]
+
+
+def quantize_inputs(wildcards):
+    """The F16 GGUF, plus the importance matrix for an imatrix quantization (tag *-imat)."""
+    gguf_dir = f"models/{wildcards.model}-merged-gguf"
+    inputs = {"gguf": f"{gguf_dir}/model.gguf"}
+    if split_quant_tag(wildcards.q)[1]:
+        inputs["imatrix"] = f"{gguf_dir}/imatrix.gguf"
+    return inputs
+
+
+def imatrix_arg(wildcards, input):
+    return f"--imatrix {shlex.quote(input.imatrix)}" if "imatrix" in input.keys() else ""
+
+
+def calibration_max_tokens_arg():
+    max_tokens = config.get("calibration", {}).get("max_tokens")
+    return "" if max_tokens is None else f"--max-tokens {max_tokens}"
+
+
+def imatrix_outputs(wildcards):
+    """The importance matrix and its report, when some quantization uses them."""
+    if not uses_imatrix():
+        return []
+    return [
+        f"models/{wildcards.model}-merged-gguf/imatrix.gguf",
+        f"results/{wildcards.model}/imatrix.json",
+    ]
+
+
+def calibration_input_arg(wildcards):
+    if not uses_imatrix():
+        return ""
+    return f"--input calibration_text={shlex.quote(config['calibration']['text'])}"
 
 
 def best_candidate():
@@ -108,6 +165,11 @@ def model_targets(model):
         f"results/{model}/merge_report.json",
         f"{gguf_dir}/model.gguf",
         *(f"{gguf_dir}/model-{q}.gguf" for q in quant_tags()),
+        *(
+            [f"{gguf_dir}/imatrix.gguf", f"results/{model}/imatrix.json"]
+            if uses_imatrix()
+            else []
+        ),
         f"results/{model}/merged_model_test.json",
         f"results/{model}/compare_models.json",
         *(f"results/plots/{model}-{kind}.png" for kind in COMPARISON_PLOTS),
@@ -142,6 +204,7 @@ def manifest_config(wildcards):
             "merge": config["merge"],
             "convert": config["convert"],
             "quantize": drop_threads(config["quantize"]),
+            "calibration": drop_threads(config.get("calibration", {})),
             "evaluation": drop_threads(config["evaluation"]),
             "generation": config["generation"],
             "test_prompts": config["test_prompts"],
@@ -158,6 +221,7 @@ def manifest_outputs(wildcards, input):
         input.f16,
         *input.quants,
         *input.sidecars,
+        *input.imatrix,
         input.test,
         input.compare,
         *input.plots,

@@ -14,6 +14,7 @@ rule write_manifest:
         f16="models/{model}-merged-gguf/model.gguf",
         quants=expand("models/{{model}}-merged-gguf/model-{q}.gguf", q=quant_tags()),
         sidecars=expand("models/{{model}}-merged-gguf/model-{q}.json", q=quant_tags()),
+        imatrix=imatrix_outputs,
         test="results/{model}/merged_model_test.json",
         compare="results/{model}/compare_models.json",
         plots=expand("results/plots/{{model}}-{kind}.png", kind=COMPARISON_PLOTS),
@@ -26,10 +27,11 @@ rule write_manifest:
     params:
         base=candidate_base,
         run=candidate_run,
+        calibration=calibration_input_arg,
         config=manifest_config,
         outputs=manifest_outputs,
     shell:
         "lora2gguf manifest --model {wildcards.model}"
         " --input base={params.base:q} --input run={params.run:q}"
-        " --input eval_text={input.eval_text:q} --input ranking={input.ranking:q}"
+        " --input eval_text={input.eval_text:q} --input ranking={input.ranking:q} {params.calibration}"
         " {params.outputs} --config-json {params.config:q} --out {output.manifest:q} > {log} 2>&1"

@@ -1,9 +1,10 @@
 # Quantization of the F16 GGUF with lora2gguf's own quantizer (llama.cpp's recipes and block
 # formats, in numpy; no llama-quantize binary). One job per configured type; the {q} tag maps back
-# to the type with quant_type() from rules/common.smk (Q4_K_M <-> q4_km).
+# to the type with quant_type() from rules/common.smk (Q4_K_M <-> q4_km); a tag ending in -imat
+# (q4_km-imat) adds the importance matrix from rules/imatrix.smk as an input.
 rule quantize_gguf:
     input:
-        gguf="models/{model}-merged-gguf/model.gguf",
+        unpack(quantize_inputs),
     output:
         gguf="models/{model}-merged-gguf/model-{q}.gguf",
         sidecar="models/{model}-merged-gguf/model-{q}.json",
@@ -16,6 +17,7 @@ rule quantize_gguf:
     threads: config["quantize"]["threads"]
     params:
         type=quant_type,
+        imatrix=imatrix_arg,
     shell:
-        "lora2gguf quantize {input.gguf} {output.gguf} {params.type}"
+        "lora2gguf quantize {input.gguf} {output.gguf} {params.type} {params.imatrix}"
         " --threads {threads} --sidecar {output.sidecar} > {log} 2>&1"

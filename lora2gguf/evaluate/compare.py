@@ -87,7 +87,9 @@ def _reference_pass(
     return result
 
 
-def _quality(path: Path, ref: dict[str, Any], windows: list[list[int]], context: int, threads: int) -> dict[str, Any]:
+def score_gguf(path: Path, ref: dict[str, Any], windows: list[list[int]], context: int, threads: int) -> dict[str, Any]:
+    """Perplexity, KL divergence and top-1 agreement of one GGUF in llama.cpp against the reference
+    logits ``ref["logits"]`` of the same token windows."""
     from lora2gguf.errors import Lora2ggufError
     from lora2gguf.evaluate import metrics
     from lora2gguf.evaluate.runtime import LlamaRuntime
@@ -236,7 +238,7 @@ def run(args: argparse.Namespace) -> int:
     for path, facts in zip(args.gguf, files):
         logger.info("%s (%s): scoring in llama.cpp with %d threads", path, facts["file_type"], args.threads)
         with Timer() as timer:
-            quality = _quality(path, ref, windows, evaluation.context, args.threads)
+            quality = score_gguf(path, ref, windows, evaluation.context, args.threads)
             generation, speed, runtime_facts = _generation_and_speed(
                 path, ref, tokenizer, prompts, prompt_ids, windows[0], max_new, args.threads, args.speed_repeats
             )

@@ -74,3 +74,19 @@ def type_from_tag(tag: str) -> str:
         f"file tag {tag!r} names no quantization type; known tags: "
         + ", ".join(f"{file_tag(n)} ({n})" for n in SUPPORTED)
     )
+
+
+# File tag suffix of a file quantized with an importance matrix: model-q4_km-imat.gguf.
+IMATRIX_SUFFIX = "-imat"
+
+
+def quant_file_tag(type_name: str, imatrix: bool = False) -> str:
+    """File-name tag of a configured quantization: Q4_K_M -> q4_km, with an imatrix q4_km-imat."""
+    return file_tag(type_name) + (IMATRIX_SUFFIX if imatrix else "")
+
+
+def split_quant_tag(tag: str) -> tuple[str, bool]:
+    """Inverse of :func:`quant_file_tag`: q4_km-imat -> ("Q4_K_M", True)."""
+    if tag.endswith(IMATRIX_SUFFIX):
+        return type_from_tag(tag[: -len(IMATRIX_SUFFIX)]), True
+    return type_from_tag(tag), False
