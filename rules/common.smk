@@ -204,7 +204,9 @@ def manifest_config(wildcards):
             "merge": config["merge"],
             "convert": config["convert"],
             "quantize": drop_threads(config["quantize"]),
-            "calibration": drop_threads(config.get("calibration", {})),
+            "calibration": (
+                drop_threads(config["calibration"]) if uses_imatrix() else None
+            ),
             "evaluation": drop_threads(config["evaluation"]),
             "generation": config["generation"],
             "test_prompts": config["test_prompts"],

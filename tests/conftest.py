@@ -50,6 +50,9 @@ def tiny_config(tiny_base: Path, tiny_runs: dict[str, Path], workdir: Path, **ov
 
     eval_text.write_text(render_text("eval"), encoding="utf-8")
     config["evaluation"].update(text=str(eval_text), max_tokens=64, context=128)
+    train_text = workdir / "train.txt"
+    train_text.write_text(render_text("train"), encoding="utf-8")
+    config["calibration"].update(text=str(train_text), max_tokens=256, chunk_size=128, device="cpu")
     config["quantize"]["types"] = ["Q8_0", "Q4_K_M"]
     config["generation"]["max_new_tokens"] = 8
     config["test_prompts"] = config["test_prompts"][:2]

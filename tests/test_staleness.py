@@ -100,9 +100,14 @@ def test_complete_run_has_nothing_to_do(workflow: Workflow) -> None:
                                        "compare_models", "plot_comparison"}),
         # Worker threads change speed, not results: nothing reruns.
         ("quantize", "threads", 1, set()),
+        # An imatrix quantization: the importance matrix, that one file, then what reads every quant file.
+        ("quantize", "types", ["Q8_0", {"type": "Q4_K_M", "imatrix": True}],
+         {"compute_imatrix", "quantize_gguf", "compare_models", "plot_comparison"}),
+        # Calibration settings matter only to imatrix quantizations; this build has none.
+        ("calibration", "max_tokens", 128, set()),
     ],
     ids=["add-quant-type", "generation-temperature", "generation-max-new-tokens", "evaluation-max-tokens",
-         "convert-outtype", "merge-dtype", "quantize-threads"],
+         "convert-outtype", "merge-dtype", "quantize-threads", "add-imatrix-type", "calibration-unused"],
 )  # fmt: skip
 def test_config_change_reruns_only_dependents(
     workflow: Workflow, section: str, key: str, value: Any, expected: set[str]

@@ -244,7 +244,8 @@ def run(args: argparse.Namespace) -> int:
             )
         sidecar = gguf_facts.read_sidecar(path)
         entry = {
-            "label": facts["file_type"],
+            "label": facts["file_type"] + (" imatrix" if facts["imatrix"] else ""),
+            "imatrix": facts["imatrix"],
             "file": str(path),
             "sha256": sha256_file(path),
             "size_bytes": facts["size_bytes"],

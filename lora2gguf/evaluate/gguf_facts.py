@@ -13,7 +13,7 @@ from lora2gguf.errors import Lora2ggufError
 logger = logging.getLogger(__name__)
 
 # Sidecar keys we copy into the comparison when present (written by lora2gguf quantize).
-_SIDECAR_KEYS = ("type", "fallbacks", "fallback_count", "tensor_types", "bits_per_weight", "n_tensors")
+_SIDECAR_KEYS = ("type", "fallbacks", "fallback_count", "tensor_types", "bits_per_weight", "n_tensors", "imatrix")
 
 
 def _field_value(reader: Any, key: str) -> Any:
@@ -56,6 +56,12 @@ def describe(path: Path) -> dict[str, Any]:
         n_elements += int(tensor.n_elements)
     file_type = _field_value(reader, "general.file_type")
     tensor_types = dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+    # llama-quantize --imatrix (and lora2gguf quantize --imatrix) record the importance matrix used
+    imatrix = {
+        key.removeprefix("quantize.imatrix."): _field_value(reader, key)
+        for key in reader.fields
+        if key.startswith("quantize.imatrix.")
+    } or None
     return {
         "file": str(path),
         "size_bytes": path.stat().st_size,
@@ -67,6 +73,7 @@ def describe(path: Path) -> dict[str, Any]:
         "tensor_bytes": n_bytes,
         "bits_per_weight": 8.0 * n_bytes / n_elements if n_elements else None,
         "tensor_types": tensor_types,
+        "imatrix": imatrix,
     }
 
 

@@ -1,0 +1,260 @@
+"""Slow scalar transcription of llama.cpp's importance-weighted quantizers, for tests only.
+
+Written from the formulas of ggml-quants.c's ``quantize_row_{q4_0,q4_1,q4_k,q6_k}_impl`` with numpy
+float32 scalars (each operation rounded to float32, in the C order), independently of the numba
+kernels in lora2gguf.quant._weighted_numba, so the tests can check those on a few blocks even
+where llama.cpp is not installed.  Each function returns the bytes of one row.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+
+from _kq_scalar_ref import f32, fp16_bits, fp16_val, nearest_int
+
+EPS = f32(1e-15)
+
+
+def make_qx_weighted(x, nmax, qw):
+    """make_qx_quants(n, nmax, x, L, 1, qw): returns (scale, L with levels + nmax)."""
+    n = len(x)
+    amax, vmax = f32(0), f32(0)
+    for v in x:
+        if abs(v) > amax:
+            amax, vmax = f32(abs(v)), v
+    if amax < EPS:
+        return f32(0), [0] * n
+
+    def sums(iscale):
+        slx, sl2, levels = f32(0), f32(0), []
+        for i in range(n):
+            l = max(-nmax, min(nmax - 1, nearest_int(f32(iscale * x[i]))))
+            levels.append(l + nmax)
+            slx = f32(slx + f32(f32(qw[i] * x[i]) * f32(l)))
+            sl2 = f32(sl2 + f32(f32(qw[i] * f32(l)) * f32(l)))
+        return slx, sl2, levels
+
+    sumlx, suml2, L = sums(f32(f32(-nmax) / vmax))
+    scale = f32(sumlx / suml2) if suml2 != 0 else f32(0)
+    best = f32(scale * sumlx)
+    for step in range(-9, 10):
+        if step == 0:
+            continue
+        slx, sl2, levels = sums(f32(f32(-f32(f32(nmax) + f32(f32(0.1) * f32(step)))) / vmax))
+        if sl2 > 0 and f32(slx * slx) > f32(best * sl2):
+            L, scale = levels, f32(slx / sl2)
+            best = f32(scale * slx)
+    return scale, L
+
+
+def make_qkx3(x, w, nmax):
+    """make_qkx3_quants(n, nmax, x, w, L, &the_min, Laux, -0.9, 0.05, 36, false): (scale, the_min, L)."""
+    n = len(x)
+    mn, mx = x[0], x[0]
+    sum_w = w[0]
+    sum_x = f32(sum_w * x[0])
+    for i in range(1, n):
+        mn, mx = min(mn, x[i]), max(mx, x[i])
+        sum_w = f32(sum_w + w[i])
+        sum_x = f32(sum_x + f32(w[i] * x[i]))
+    mn = min(mn, f32(0))
+    if mx <= mn:
+        return f32(0), f32(-mn), [0] * n
+    iscale = f32(f32(nmax) / f32(mx - mn))
+    scale = f32(f32(1) / iscale)
+    L = [max(0, min(nmax, nearest_int(f32(iscale * f32(x[i] - mn))))) for i in range(n)]
+    best = f32(0)
+    for i in range(n):
+        d = f32(f32(f32(scale * f32(L[i])) + mn) - x[i])
+        best = f32(best + f32(w[i] * f32(d * d)))
+    for step in range(37):
+        iscale = f32(f32(f32(f32(-0.9) + f32(f32(0.05) * f32(step))) + f32(nmax)) / f32(mx - mn))
+        aux = [max(0, min(nmax, nearest_int(f32(iscale * f32(x[i] - mn))))) for i in range(n)]
+        sl, sl2, sxl = f32(0), f32(0), f32(0)
+        for i in range(n):
+            wl = f32(w[i] * f32(aux[i]))
+            sl = f32(sl + wl)
+            sl2 = f32(sl2 + f32(wl * f32(aux[i])))
+            sxl = f32(sxl + f32(wl * x[i]))
+        D = f32(f32(sum_w * sl2) - f32(sl * sl))
+        if D > 0:
+            this_scale = f32(f32(f32(sum_w * sxl) - f32(sum_x * sl)) / D)
+            this_min = f32(f32(f32(sl2 * sum_x) - f32(sl * sxl)) / D)
+            if this_min > 0:
+                this_min, this_scale = f32(0), f32(sxl / sl2)
+            mad = f32(0)
+            for i in range(n):
+                d = f32(f32(f32(this_scale * f32(aux[i])) + this_min) - x[i])
+                mad = f32(mad + f32(w[i] * f32(d * d)))
+            if mad < best:
+                L, best, scale, mn = aux, mad, this_scale, this_min
+    return scale, f32(-mn), L
+
+
+def make_qp(x, nmax, qw):
+    """make_qp_quants(n, nmax, x, L, qw): (scale, L) with L as uint8 levels."""
+    n = len(x)
+    mx = max(f32(0), *x)
+    if mx < EPS:
+        return f32(0), [0] * n
+    iscale = f32(f32(nmax) / mx)
+    L = [nearest_int(f32(iscale * v)) & 0xFF for v in x]
+    scale = f32(f32(1) / iscale)
+    best = f32(0)
+    for i in range(n):
+        d = f32(x[i] - f32(scale * f32(L[i])))
+        best = f32(best + f32(f32(qw[i] * d) * d))
+    for step in range(-4, 5):
+        if step == 0:
+            continue
+        iscale_is = f32(f32(f32(f32(0.1) * f32(step)) + f32(nmax)) / mx)
+        scale_is = f32(f32(1) / iscale_is)
+        mse = f32(0)
+        for i in range(n):
+            l = min(nmax, nearest_int(f32(iscale_is * x[i])))
+            d = f32(x[i] - f32(scale_is * f32(l)))
+            mse = f32(mse + f32(f32(qw[i] * d) * d))
+        if mse < best:
+            best, iscale = mse, iscale_is
+    L = [min(nmax, nearest_int(f32(iscale * v))) & 0xFF for v in x]
+    sumlx, suml2 = f32(0), f32(0)
+    for i in range(n):
+        sumlx = f32(sumlx + f32(f32(qw[i] * x[i]) * f32(L[i])))
+        suml2 = f32(suml2 + f32(f32(qw[i] * f32(L[i])) * f32(L[i])))
+    for _ in range(5):
+        changed = 0
+        for i in range(n):
+            w = qw[i]
+            slx = f32(sumlx - f32(f32(w * x[i]) * f32(L[i])))
+            sl2 = f32(suml2 - f32(f32(w * f32(L[i])) * f32(L[i])))
+            if slx > 0 and sl2 > 0:
+                new_l = min(nmax, nearest_int(f32(f32(x[i] * sl2) / slx)))
+                if new_l != L[i]:
+                    slx = f32(slx + f32(f32(w * x[i]) * f32(new_l)))
+                    sl2 = f32(sl2 + f32(f32(w * f32(new_l)) * f32(new_l)))
+                    if f32(f32(slx * slx) * suml2) > f32(f32(sumlx * sumlx) * sl2):
+                        L[i], sumlx, suml2 = new_l & 0xFF, slx, sl2
+                        changed += 1
+        if not changed:
+            break
+    return (f32(sumlx / suml2) if suml2 > 0 else f32(0)), L
+
+
+def _sigma2(row) -> np.float32:
+    s = f32(0)
+    for v in row:
+        s = f32(s + f32(v * v))
+    return f32(s / f32(len(row)))
+
+
+def q4_0_row(row, qw) -> bytes:
+    sigma2 = _sigma2(row)
+    out = b""
+    for b in range(len(row) // 32):
+        xb, wb = row[32 * b : 32 * b + 32], qw[32 * b : 32 * b + 32]
+        weight = [f32(wb[j] * np.sqrt(f32(sigma2 + f32(xb[j] * xb[j])))) for j in range(32)]
+        d, L = make_qx_weighted(xb, 8, weight)
+        out += struct.pack("<H", fp16_bits(d)) + bytes(L[j] | (L[j + 16] << 4) for j in range(16))
+    return out
+
+
+def q4_1_row(row, qw) -> bytes:
+    sigma2 = _sigma2(row)
+    out = b""
+    for b in range(len(row) // 32):
+        xb, wb = row[32 * b : 32 * b + 32], qw[32 * b : 32 * b + 32]
+        weight = [f32(wb[j] * np.sqrt(f32(sigma2 + f32(xb[j] * xb[j])))) for j in range(32)]
+        d, the_min, L = make_qkx3(xb, weight, 15)
+        out += struct.pack("<HH", fp16_bits(d), fp16_bits(f32(-the_min)))
+        out += bytes(L[j] | (L[j + 16] << 4) for j in range(16))
+    return out
+
+
+def q4_k_row(row, qw) -> bytes:
+    out = b""
+    for b in range(len(row) // 256):
+        x, w = row[256 * b : 256 * b + 256], qw[256 * b : 256 * b + 256]
+        s = f32(0)
+        for v in x:
+            s = f32(s + f32(v * v))
+        sigma2 = f32(f32(f32(2) * s) / f32(256))
+        scales, mins, sw, L = [], [], [], []
+        for j in range(8):
+            xs = x[32 * j : 32 * j + 32]
+            weight = [f32(w[32 * j + i] * np.sqrt(f32(sigma2 + f32(xs[i] * xs[i])))) for i in range(32)]
+            total = f32(0)
+            for v in weight:
+                total = f32(total + v)
+            sw.append(total)
+            sc, mn, lv = make_qkx3(xs, weight, 15)
+            scales.append(sc)
+            mins.append(mn)
+            L.extend(lv)
+        d_block, Ls = make_qp(scales, 63, sw)
+        m_block, Lm = make_qp(mins, 63, sw)
+        packed = [0] * 12
+        for j in range(8):
+            if j < 4:
+                packed[j], packed[j + 4] = Ls[j], Lm[j]
+            else:
+                packed[j + 4] = (Ls[j] & 0xF) | ((Lm[j] & 0xF) << 4)
+                packed[j - 4] |= (Ls[j] >> 4) << 6
+                packed[j] |= (Lm[j] >> 4) << 6
+        packed = [p & 0xFF for p in packed]
+        d16, m16 = fp16_bits(d_block), fp16_bits(m_block)
+        for j in range(8):
+            if j < 4:
+                sc, m = packed[j] & 63, packed[j + 4] & 63
+            else:
+                sc = (packed[j + 4] & 0xF) | ((packed[j - 4] >> 6) << 4)
+                m = (packed[j + 4] >> 4) | ((packed[j] >> 6) << 4)
+            d = f32(fp16_val(d16) * f32(sc))
+            if d == 0:
+                continue
+            dm = f32(fp16_val(m16) * f32(m))
+            for i in range(32):
+                L[32 * j + i] = max(0, min(15, nearest_int(f32(f32(x[32 * j + i] + dm) / d))))
+        qs = bytes(L[j + i] | (L[j + i + 32] << 4) for j in range(0, 256, 64) for i in range(32))
+        out += struct.pack("<HH", d16, m16) + bytes(packed) + qs
+    return out
+
+
+def q6_k_row(row, qw) -> bytes:
+    out = b""
+    for b in range(len(row) // 256):
+        x, w = row[256 * b : 256 * b + 256], qw[256 * b : 256 * b + 256]
+        scales, L = [], []
+        max_scale, max_abs = f32(0), f32(0)
+        for ib in range(16):
+            s, lv = make_qx_weighted(x[16 * ib : 16 * ib + 16], 32, w[16 * ib : 16 * ib + 16])
+            scales.append(s)
+            L.extend(lv)
+            if abs(s) > max_abs:
+                max_abs, max_scale = f32(abs(s)), s
+        if max_abs < EPS:
+            out += bytes(210)
+            continue
+        iscale = f32(f32(-128) / max_scale)
+        d16 = fp16_bits(f32(f32(1) / iscale))
+        isc = [min(127, nearest_int(f32(iscale * s))) for s in scales]
+        for j in range(16):
+            d = f32(fp16_val(d16) * f32(isc[j]))
+            if d == 0:
+                continue
+            for i in range(16):
+                L[16 * j + i] = max(-32, min(31, nearest_int(f32(x[16 * j + i] / d)))) + 32
+        ql, qh = bytearray(128), bytearray(64)
+        for half in range(2):
+            j = 128 * half
+            for i in range(32):
+                q = [L[j + i + 32 * k] for k in range(4)]
+                ql[64 * half + i] = (q[0] & 0xF) | ((q[2] & 0xF) << 4)
+                ql[64 * half + i + 32] = (q[1] & 0xF) | ((q[3] & 0xF) << 4)
+                qh[32 * half + i] = (q[0] >> 4) | ((q[1] >> 4) << 2) | ((q[2] >> 4) << 4) | ((q[3] >> 4) << 6)
+        out += bytes(ql) + bytes(qh) + bytes(v & 0xFF for v in isc) + struct.pack("<H", d16)
+    return out
+
+
+ROW_ENCODERS = {"Q4_0": q4_0_row, "Q4_1": q4_1_row, "Q4_K": q4_k_row, "Q6_K": q6_k_row}
