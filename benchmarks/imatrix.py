@@ -37,7 +37,11 @@ def main() -> int:
     parser.add_argument("--calibration", type=Path, default=ROOT / "resources/demo/data/train.txt")
     parser.add_argument("--eval-text", type=Path, default=ROOT / "resources/demo/data/eval.txt")
     parser.add_argument("--types", nargs="+", default=["Q4_K_M"])
-    parser.add_argument("--budgets", nargs="+", type=int, default=[256, 1024, 4096, 0])
+    parser.add_argument("--budgets", nargs="+", type=int, default=[128, 512, 2048, 8192, 0])
+    parser.add_argument(
+        "--samples", type=int, default=3,
+        help="for budgets smaller than the text: this many disjoint slices of it (spread of the result)",
+    )
     parser.add_argument("--chunk-size", type=int, default=512)
     parser.add_argument("--max-eval-tokens", type=int, default=4096)
     parser.add_argument("--context", type=int, default=512)
@@ -73,39 +77,43 @@ def main() -> int:
             quantize_gguf(args.gguf, plain, QuantizeOptions(qtype, threads=args.threads))
             score = score_gguf(plain, ref, windows, args.context, args.threads)
             rows.append({"type": qtype, "calibration_tokens": None, **_figures(score)})
+        n_calibration = len(tokenizer(calibration, verbose=False)["input_ids"])
         for budget in args.budgets:
-            imx = work / f"imatrix-{budget}.gguf"
-            start = time.perf_counter()
-            imatrix, stats = collect(
-                model, tokenizer, args.model, calibration, chunk_size=args.chunk_size,
-                max_tokens=budget or None, dataset=str(args.calibration),
-            )
-            write_imatrix(imx, imatrix)
-            imatrix_s = time.perf_counter() - start
-            for qtype in args.types:
-                out = work / f"imat-{budget}-{qtype}.gguf"
-                quantize_gguf(args.gguf, out, QuantizeOptions(qtype, threads=args.threads, imatrix=str(imx)))
-                score = score_gguf(out, ref, windows, args.context, args.threads)
-                rows.append(
-                    {
-                        "type": qtype,
-                        "calibration_tokens": stats.tokens_used,
-                        "imatrix_seconds": round(imatrix_s, 1),
-                        **_figures(score),
-                    }
+            fits = n_calibration // budget if budget else 1
+            for sample in range(min(args.samples, fits) if budget else 1):
+                imx = work / f"imatrix-{budget}-{sample}.gguf"
+                start = time.perf_counter()
+                imatrix, stats = collect(
+                    model, tokenizer, args.model, calibration, chunk_size=args.chunk_size,
+                    max_tokens=budget or None, dataset=str(args.calibration), start_token=sample * budget,
                 )
+                write_imatrix(imx, imatrix)
+                imatrix_s = time.perf_counter() - start
+                for qtype in args.types:
+                    out = work / f"imat-{budget}-{sample}-{qtype}.gguf"
+                    quantize_gguf(args.gguf, out, QuantizeOptions(qtype, threads=args.threads, imatrix=str(imx)))
+                    score = score_gguf(out, ref, windows, args.context, args.threads)
+                    rows.append(
+                        {
+                            "type": qtype,
+                            "calibration_tokens": stats.tokens_used,
+                            "calibration_start_token": sample * budget,
+                            "imatrix_seconds": round(imatrix_s, 1),
+                            **_figures(score),
+                        }
+                    )
     plain_kl = {r["type"]: r["mean_kl"] for r in rows if r["calibration_tokens"] is None}
     for r in rows:
         r["kl_change_vs_plain"] = round(r["mean_kl"] / plain_kl[r["type"]] - 1, 4)
     print(f"\nreference perplexity {metrics.perplexity(ref_nll):.4f} on {len(ids)} evaluation tokens\n")
-    print("| type | calibration tokens | imatrix s | mean KL | KL vs plain | ppl | top-1 |")
-    print("|---|---|---|---|---|---|---|")
+    print("| type | calibration tokens | from token | imatrix s | mean KL | KL vs plain | ppl | top-1 |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         tokens = "plain (none)" if r["calibration_tokens"] is None else str(r["calibration_tokens"])
         seconds = f"{r['imatrix_seconds']:.1f}" if "imatrix_seconds" in r else "-"
         print(
-            f"| {r['type']} | {tokens} | {seconds} | {r['mean_kl']:.5f} | {100 * r['kl_change_vs_plain']:+.1f}% "
-            f"| {r['perplexity']:.4f} | {r['top1']:.4f} |"
+            f"| {r['type']} | {tokens} | {r.get('calibration_start_token', '-')} | {seconds} | {r['mean_kl']:.5f} "
+            f"| {100 * r['kl_change_vs_plain']:+.1f}% | {r['perplexity']:.4f} | {r['top1']:.4f} |"
         )
     if args.out:
         args.out.write_text(

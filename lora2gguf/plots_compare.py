@@ -31,6 +31,9 @@ STYLE: dict[str, Any] = {
 REFERENCE_COLOR = "#444444"
 F16_COLOR = "#d62728"
 QUANT_COLOR = "#1f77b4"
+IMATRIX_COLOR = "#2ca02c"
+# Points whose sizes differ by less than this fraction share a label column (see _label_slots).
+_SAME_SIZE = 0.10
 
 
 def pyplot() -> Any:
@@ -56,13 +59,55 @@ def _points(report: dict[str, Any]) -> list[dict[str, Any]]:
     return sorted(report["models"], key=lambda m: m["size_bytes"])
 
 
-def _annotate(ax: Any, x: float, y: float, text: str, index: int) -> None:
-    """Label a point; neighbours in size order alternate above / below so that types of nearly
-    equal size (Q4_K_M and Q5_K_M) do not print over each other."""
-    above = index % 2 == 0
+def _style(m: dict[str, Any]) -> tuple[str, str]:
+    """(color, marker): float files, plain quantizations, quantizations with an importance matrix."""
+    if _is_float_file(m["label"]):
+        return F16_COLOR, "*"
+    if m.get("imatrix"):
+        return IMATRIX_COLOR, "D"
+    return QUANT_COLOR, "o"
+
+
+# (horizontal side, vertical offset in points) for the labels of points of nearly equal size,
+# from the highest point down: right above, left, right below, left below.
+_SLOTS = (("right", 6), ("left", 0), ("right", -8), ("left", -8))
+
+
+def _label_slots(xs: list[float], ys: list[float]) -> list[tuple[str, int]]:
+    """Where each point's label goes. Points of nearly equal size (Q4_K_M, its imatrix twin and
+    Q5_K_M) are stacked in one column, so their labels are spread by height over both sides; a
+    lone point alternates above / below its neighbours."""
+    slots: list[tuple[str, int]] = [("right", 6)] * len(xs)
+    order = sorted(range(len(xs)), key=lambda i: xs[i])
+    k = 0
+    lone = 0
+    while k < len(order):
+        group = [order[k]]
+        while k + len(group) < len(order) and xs[order[k + len(group)]] <= xs[order[k]] * (1 + _SAME_SIZE):
+            group.append(order[k + len(group)])
+        if len(group) == 1:
+            slots[group[0]] = ("right", 6 if lone % 2 == 0 else -8)
+            lone += 1
+        else:
+            for rank, i in enumerate(sorted(group, key=lambda i: -ys[i])):
+                slots[i] = _SLOTS[rank % len(_SLOTS)]
+        k += len(group)
+    return slots
+
+
+def _room_for_left_labels(ax: Any, xs: list[float], slots: list[tuple[str, int]]) -> None:
+    """Widen the x axis to the left when a label is written there, so it is not cut off."""
+    if any(side == "left" for side, _ in slots):
+        span = max(xs) - min(xs) or max(xs)
+        ax.set_xlim(left=min(xs) - 0.4 * span, right=max(xs) + 0.15 * span)
+
+
+def _annotate(ax: Any, x: float, y: float, text: str, slot: tuple[str, int]) -> None:
+    side, dy = slot
     ax.annotate(
-        text, (x, y), textcoords="offset points", xytext=(7, 6 if above else -8),
-        va="bottom" if above else "top", fontsize=9,
+        text, (x, y), textcoords="offset points", xytext=(7 if side == "right" else -7, dy),
+        ha="left" if side == "right" else "right", va="bottom" if dy > 0 else "top" if dy < 0 else "center",
+        fontsize=9,
     )
 
 
@@ -76,21 +121,27 @@ def plot_size_vs_kl(report: dict[str, Any], model: str, out: Path) -> None:
     positive = [v for m in points for v in (m["kl_divergence"]["mean"], m["kl_divergence"]["p99"]) if v > 0]
     # A log axis cannot show an exact zero (identical distributions): draw it at a floor, labelled.
     floor = min(positive) / 10 if positive else 1e-12
-    for index, (m, mean) in enumerate(zip(points, means)):
-        x = m["size_bytes"] / 2**20
-        is_float = _is_float_file(m["label"])
-        color = F16_COLOR if is_float else QUANT_COLOR
+    xs = [m["size_bytes"] / 2**20 for m in points]
+    # label slots on the log axis: compare heights as logarithms
+    import math
+
+    slots = _label_slots(xs, [math.log10(max(v, floor)) for v in means])
+    for m, mean, x, slot in zip(points, means, xs, slots):
+        color, marker = _style(m)
         p99 = max(m["kl_divergence"]["p99"], floor)
         ax.plot([x, x], [max(mean, floor), p99], color=color, alpha=0.35, linewidth=2)
-        ax.scatter([x], [max(mean, floor)], s=70, color=color, marker="*" if is_float else "o", zorder=3)
+        ax.scatter([x], [max(mean, floor)], s=70 if marker != "D" else 45, color=color, marker=marker, zorder=3)
         ax.scatter([x], [p99], s=25, facecolors="none", edgecolors=color, zorder=3)
         suffix = " (=0)" if mean <= 0 else ""
-        _annotate(ax, x, max(mean, floor), f"{m['label']}{suffix}, {m['bits_per_weight']:.2f} bpw", index)
+        _annotate(ax, x, max(mean, floor), f"{m['label']}{suffix}, {m['bits_per_weight']:.2f} bpw", slot)
+    _room_for_left_labels(ax, xs, slots)
     ax.set_yscale("log")
     ax.set_xlabel("file size (MiB)")
     ax.set_ylabel("KL divergence from PyTorch float32 (nats per token)")
     ax.scatter([], [], marker="*", color=F16_COLOR, s=70, label="float GGUF (reference point)")
     ax.scatter([], [], marker="o", color=QUANT_COLOR, label="quantized, mean")
+    if any(m.get("imatrix") for m in points):
+        ax.scatter([], [], marker="D", color=IMATRIX_COLOR, s=45, label="quantized with imatrix, mean")
     ax.scatter([], [], facecolors="none", edgecolors="grey", label="99th percentile")
     ax.legend(loc="upper right")
     ax.set_title(f"{model}: size vs KL divergence ({report['settings']['positions_scored']} positions)")
@@ -105,19 +156,19 @@ def plot_size_vs_perplexity(report: dict[str, Any], model: str, out: Path) -> No
     fig, ax = plt.subplots()
     ref = report["reference"]["perplexity"]
     ax.axhline(ref, color=REFERENCE_COLOR, linestyle="--", linewidth=1, label=f"PyTorch float32: {ref:.3f}")
-    for index, m in enumerate(_points(report)):
-        x = m["size_bytes"] / 2**20
-        is_float = _is_float_file(m["label"])
-        ax.scatter(
-            [x], [m["perplexity"]], s=70, zorder=3,
-            color=F16_COLOR if is_float else QUANT_COLOR, marker="*" if is_float else "o",
-        )
-        _annotate(ax, x, m["perplexity"], f"{m['label']}: {m['perplexity']:.3f} (x{m['perplexity_ratio']:.4f})", index)
+    points = _points(report)
+    xs = [m["size_bytes"] / 2**20 for m in points]
+    slots = _label_slots(xs, [m["perplexity"] for m in points])
+    for m, x, slot in zip(points, xs, slots):
+        color, marker = _style(m)
+        ax.scatter([x], [m["perplexity"]], s=70 if marker != "D" else 45, zorder=3, color=color, marker=marker)
+        _annotate(ax, x, m["perplexity"], f"{m['label']}: {m['perplexity']:.3f} (x{m['perplexity_ratio']:.4f})", slot)
     ax.set_xlabel("file size (MiB)")
     ax.set_ylabel("perplexity on the held-out text")
     ax.legend(loc="upper right")
     ax.set_title(f"{model}: size vs perplexity (llama.cpp, {report['settings']['tokens_scored']} tokens)")
     ax.margins(x=0.15, y=0.2)
+    _room_for_left_labels(ax, xs, slots)
     save_figure(fig, out)
     logger.info("wrote %s", out)
 
@@ -134,7 +185,7 @@ def plot_speed(report: dict[str, Any], model: str, out: Path) -> None:
         (tg_ax, "generation_tokens_per_s", "generation (one token at a time)"),
     ):
         values = [m["speed"][key] or 0.0 for m in points]
-        colors = [F16_COLOR if _is_float_file(label) else QUANT_COLOR for label in labels]
+        colors = [_style(m)[0] for m in points]
         bars = ax.bar(labels, values, color=colors)
         for bar, value in zip(bars, values):
             ax.annotate(f"{value:.1f}", (bar.get_x() + bar.get_width() / 2, value), ha="center",

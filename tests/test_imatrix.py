@@ -343,7 +343,8 @@ def test_workflow_builds_compares_and_reruns_the_imatrix_variant(
     imat = by_label["Q4_K_M imatrix"]
     assert imat["file"].endswith("model-q4_km-imat.gguf")
     assert imat["imatrix"]["entries_count"] > 0 and imat["sidecar"]["imatrix"]["tensors_weighted"] > 0
-    assert by_label["Q4_K_M"]["imatrix"] is None
+    assert by_label["Q4_K_M"]["quantized_with_imatrix"] is False and "imatrix" not in by_label["Q4_K_M"]
+    assert imat["quantized_with_imatrix"] is True
     manifest = json.loads((tmp_path / f"results/{best}/manifest.json").read_text())
     rules = {Path(o["path"]).name: o.get("rule") for o in manifest["outputs"]}
     assert rules["imatrix.gguf"] == "compute_imatrix" and rules["model-q4_km-imat.gguf"] == "quantize_gguf"

@@ -245,7 +245,9 @@ def run(args: argparse.Namespace) -> int:
         sidecar = gguf_facts.read_sidecar(path)
         entry = {
             "label": facts["file_type"] + (" imatrix" if facts["imatrix"] else ""),
-            "imatrix": facts["imatrix"],
+            "quantized_with_imatrix": bool(facts["imatrix"]),
+            # the file's quantize.imatrix.* metadata (file, dataset, entries_count, chunks_count)
+            **({"imatrix": facts["imatrix"]} if facts["imatrix"] else {}),
             "file": str(path),
             "sha256": sha256_file(path),
             "size_bytes": facts["size_bytes"],

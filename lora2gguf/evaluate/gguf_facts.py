@@ -91,7 +91,8 @@ def read_sidecar(gguf_path: Path) -> dict[str, Any] | None:
     data = read_json(path)
     if not isinstance(data, dict):
         raise Lora2ggufError(f"{path}: expected a JSON object (quantizer sidecar)")
-    picked = {key: data[key] for key in _SIDECAR_KEYS if key in data}
+    # (a plain quantization's sidecar has "imatrix": null: left out, as for an older sidecar)
+    picked = {key: data[key] for key in _SIDECAR_KEYS if data.get(key) is not None}
     if isinstance(picked.get("fallbacks"), dict):
         # The per-tensor list stays in the sidecar; the comparison keeps the count and the changes.
         picked["fallbacks"] = {k: v for k, v in picked["fallbacks"].items() if k != "tensors"}

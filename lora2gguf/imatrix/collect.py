@@ -79,8 +79,10 @@ def collect(
     chunk_size: int,
     max_tokens: int | None,
     dataset: str,
+    start_token: int = 0,
 ) -> tuple[Imatrix, CollectStats]:
-    """Run ``model`` over ``text`` and return its importance matrix and what was measured."""
+    """Run ``model`` over ``text`` (from token ``start_token`` on) and return its importance matrix
+    and what was measured."""
     import torch
     from tqdm import tqdm
 
@@ -88,6 +90,7 @@ def collect(
         raise Lora2ggufError(f"chunk size {chunk_size}: must be at least {MIN_TOKENS_PER_PASS} tokens")
     ids = [int(i) for i in tokenizer(text, verbose=False)["input_ids"]]
     available = len(ids)
+    ids = ids[start_token:]
     if max_tokens is not None:
         ids = ids[:max_tokens]
     chunks = chunk_ids(ids, chunk_size)
