@@ -42,7 +42,10 @@ def check_config_paths():
                 "config.yaml: calibration: required when a quantize.types entry has imatrix: true"
             )
         keyed["calibration.text"] = config["calibration"]["text"]
-        if Path(keyed["calibration.text"]).resolve() == Path(keyed["evaluation.text"]).resolve():
+        if (
+            Path(keyed["calibration.text"]).resolve()
+            == Path(keyed["evaluation.text"]).resolve()
+        ):
             raise ValueError(
                 "config.yaml: calibration.text: is evaluation.text; the comparison would score "
                 "the imatrix files on their own calibration data"
@@ -123,7 +126,9 @@ def quantize_inputs(wildcards):
 
 
 def imatrix_arg(wildcards, input):
-    return f"--imatrix {shlex.quote(input.imatrix)}" if "imatrix" in input.keys() else ""
+    return (
+        f"--imatrix {shlex.quote(input.imatrix)}" if "imatrix" in input.keys() else ""
+    )
 
 
 def calibration_max_tokens_arg():
