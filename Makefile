@@ -13,8 +13,11 @@ SNAKEMAKE_ARGS ?=
 
 BIN    := $(abspath $(VENV))/bin
 STAMP  := $(VENV)/.installed
+# llama.cpp's own llama-quantize / llama-imatrix (`make llama-tools`); when present, `make test`
+# also checks that they read our imatrix files and agree with our results.
+LLAMA_TOOLS := $(abspath .cache/llama-tools)
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench clean llama-tools
 
 install: $(STAMP)
 
@@ -33,7 +36,13 @@ demo: install
 	PATH="$(BIN):$$PATH" $(BIN)/snakemake --cores 1 --report results/report.html
 
 test: install
-	PATH="$(BIN):$$PATH" $(BIN)/pytest $(PYTEST_ARGS)
+	PATH="$(BIN):$$PATH" LORA2GGUF_LLAMA_BIN="$$(test -x $(LLAMA_TOOLS)/bin/llama-quantize && echo $(LLAMA_TOOLS)/bin)" \
+		$(BIN)/pytest $(PYTEST_ARGS)
+
+llama-tools: $(LLAMA_TOOLS)/bin/llama-quantize
+
+$(LLAMA_TOOLS)/bin/llama-quantize: | $(STAMP)
+	scripts/build_llama_tools.sh $(BIN)/python $(LLAMA_TOOLS)
 
 lint: install
 	PATH="$(BIN):$$PATH" $(BIN)/snakemake --lint

@@ -87,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
             "forward_seconds": round(stats.seconds, 3),
             "tokens_per_second": round(stats.tokens_used / stats.seconds, 1) if stats.seconds > 0 else None,
             "peak_rss_mb": mem.peak_rss_mb,
+            **({"cuda_peak_mb": mem.cuda_peak_mb} if mem.cuda_peak_mb is not None else {}),
             "precision": "float32 model, float64 accumulation, stored float32",
         },
         "versions": package_versions(),
