@@ -1,6 +1,6 @@
 """Slow scalar transcription of llama.cpp's importance-weighted quantizers, for tests only.
 
-Written from the formulas of ggml-quants.c's ``quantize_row_{q4_0,q4_1,q4_k,q6_k}_impl`` with numpy
+Written from the formulas of ggml-quants.c's ``quantize_row_{q4_0,q4_1,q5_0,q5_1,q4_K,q5_K,q6_K}_impl`` with numpy
 float32 scalars (each operation rounded to float32, in the C order), independently of the numba
 kernels in lora2gguf.quant._weighted_numba, so the tests can check those on a few blocks even
 where llama.cpp is not installed.  Each function returns the bytes of one row.
@@ -172,7 +172,49 @@ def q4_1_row(row, qw) -> bytes:
     return out
 
 
+def _qh_pack(L) -> tuple[bytes, int]:
+    """Low nibbles of a 32-weight block (pairs j, j+16) and the fifth bits as a uint32."""
+    qh = 0
+    for j in range(16):
+        qh |= ((L[j] & 0x10) >> 4) << j
+        qh |= ((L[j + 16] & 0x10) >> 4) << (j + 16)
+    return bytes((L[j] & 0xF) | ((L[j + 16] & 0xF) << 4) for j in range(16)), qh
+
+
+def q5_0_row(row, qw) -> bytes:
+    sigma2 = _sigma2(row)
+    out = b""
+    for b in range(len(row) // 32):
+        xb, wb = row[32 * b : 32 * b + 32], qw[32 * b : 32 * b + 32]
+        weight = [f32(wb[j] * np.sqrt(f32(sigma2 + f32(xb[j] * xb[j])))) for j in range(32)]
+        d, L = make_qx_weighted(xb, 16, weight)
+        qs, qh = _qh_pack(L)
+        out += struct.pack("<HI", fp16_bits(d), qh) + qs
+    return out
+
+
+def q5_1_row(row, qw) -> bytes:
+    sigma2 = _sigma2(row)
+    out = b""
+    for b in range(len(row) // 32):
+        xb, wb = row[32 * b : 32 * b + 32], qw[32 * b : 32 * b + 32]
+        weight = [f32(wb[j] * np.sqrt(f32(sigma2 + f32(xb[j] * xb[j])))) for j in range(32)]
+        d, the_min, L = make_qkx3(xb, weight, 31)
+        qs, qh = _qh_pack(L)
+        out += struct.pack("<HHI", fp16_bits(d), fp16_bits(f32(-the_min)), qh) + qs
+    return out
+
+
 def q4_k_row(row, qw) -> bytes:
+    return _k_row(row, qw, 15)
+
+
+def q5_k_row(row, qw) -> bytes:
+    return _k_row(row, qw, 31)
+
+
+def _k_row(row, qw, nmax) -> bytes:
+    """quantize_row_q4_K_impl (nmax 15) / quantize_row_q5_K_impl (nmax 31, scales clamped to 63)."""
     out = b""
     for b in range(len(row) // 256):
         x, w = row[256 * b : 256 * b + 256], qw[256 * b : 256 * b + 256]
@@ -188,12 +230,14 @@ def q4_k_row(row, qw) -> bytes:
             for v in weight:
                 total = f32(total + v)
             sw.append(total)
-            sc, mn, lv = make_qkx3(xs, weight, 15)
+            sc, mn, lv = make_qkx3(xs, weight, nmax)
             scales.append(sc)
             mins.append(mn)
             L.extend(lv)
         d_block, Ls = make_qp(scales, 63, sw)
         m_block, Lm = make_qp(mins, 63, sw)
+        if nmax == 31:
+            Ls, Lm = [min(63, v) for v in Ls], [min(63, v) for v in Lm]
         packed = [0] * 12
         for j in range(8):
             if j < 4:
@@ -215,9 +259,19 @@ def q4_k_row(row, qw) -> bytes:
                 continue
             dm = f32(fp16_val(m16) * f32(m))
             for i in range(32):
-                L[32 * j + i] = max(0, min(15, nearest_int(f32(f32(x[32 * j + i] + dm) / d))))
-        qs = bytes(L[j + i] | (L[j + i + 32] << 4) for j in range(0, 256, 64) for i in range(32))
-        out += struct.pack("<HH", d16, m16) + bytes(packed) + qs
+                L[32 * j + i] = max(0, min(nmax, nearest_int(f32(f32(x[32 * j + i] + dm) / d))))
+        if nmax == 15:
+            qs = bytes(L[j + i] | (L[j + i + 32] << 4) for j in range(0, 256, 64) for i in range(32))
+            out += struct.pack("<HH", d16, m16) + bytes(packed) + qs
+            continue
+        qh = bytearray(32)
+        ql = bytearray(128)
+        for k, j in enumerate(range(0, 256, 64)):
+            for i in range(32):
+                lo, hi = L[j + i], L[j + i + 32]
+                qh[i] |= ((lo >> 4) & 1) << (2 * k) | ((hi >> 4) & 1) << (2 * k + 1)
+                ql[32 * k + i] = (lo & 0xF) | ((hi & 0xF) << 4)
+        out += struct.pack("<HH", d16, m16) + bytes(packed) + bytes(qh) + bytes(ql)
     return out
 
 
@@ -257,4 +311,12 @@ def q6_k_row(row, qw) -> bytes:
     return out
 
 
-ROW_ENCODERS = {"Q4_0": q4_0_row, "Q4_1": q4_1_row, "Q4_K": q4_k_row, "Q6_K": q6_k_row}
+ROW_ENCODERS = {
+    "Q4_0": q4_0_row,
+    "Q4_1": q4_1_row,
+    "Q5_0": q5_0_row,
+    "Q5_1": q5_1_row,
+    "Q4_K": q4_k_row,
+    "Q5_K": q5_k_row,
+    "Q6_K": q6_k_row,
+}

@@ -39,7 +39,7 @@ CLUSTER_SH = ROOT / "tests/slurm/cluster.sh"
 PROFILES = [ROOT / "profiles/slurm", ROOT / "tests/slurm/profile"]
 
 # Rules the profile sends to the gpu partition with one GPU; every other submitted rule goes to `cpu`.
-GPU_RULES = {"merge_adapter", "test_merged_model", "compare_models"}
+GPU_RULES = {"merge_adapter", "compute_imatrix", "test_merged_model", "compare_models"}
 # Rules the Snakefile declares local (the tiny config has the demo off, so no build_demo_* job runs):
 # they must never become SLURM jobs. Everything else is submitted.
 LOCAL_RULES = {"all", "rank_candidates", "plot_candidates", "plot_comparison", "write_manifest"}
@@ -177,6 +177,8 @@ def tiny_cfg(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path, tiny_run
     # Keys tiny_config does not set keep the project's defaults (e.g. evaluation.device/threads).
     defaults = yaml.safe_load((ROOT / "config.yaml").read_text(encoding="utf-8"))
     config["evaluation"] = {**defaults["evaluation"], **config["evaluation"]}
+    # one calibrated quantization, so the importance matrix runs as a GPU job too
+    config["quantize"]["types"] = [*config["quantize"]["types"], {"type": "Q4_K_M", "imatrix": True}]
     return config
 
 
