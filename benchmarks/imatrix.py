@@ -42,6 +42,11 @@ def main() -> int:
         "--samples", type=int, default=3,
         help="for budgets smaller than the text: this many disjoint slices of it (spread of the result)",
     )
+    parser.add_argument(
+        "--uniform-control", action=argparse.BooleanOptionalAction, default=True,
+        help="also quantize with an all-ones importance matrix: llama.cpp's weighted search without any "
+        "calibration, to separate what the search itself gains from what the calibration text adds",
+    )
     parser.add_argument("--chunk-size", type=int, default=512)
     parser.add_argument("--max-eval-tokens", type=int, default=4096)
     parser.add_argument("--context", type=int, default=512)
@@ -50,13 +55,14 @@ def main() -> int:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
+    import numpy as np
     import torch
 
     from lora2gguf.artifacts import sha256_file
     from lora2gguf.evaluate import metrics, reference
     from lora2gguf.evaluate.compare import score_gguf
     from lora2gguf.imatrix.collect import collect
-    from lora2gguf.imatrix.fileformat import write_imatrix
+    from lora2gguf.imatrix.fileformat import Imatrix, ImatrixEntry, write_imatrix
     from lora2gguf.provenance import device_info, package_versions
     from lora2gguf.quant.quantize import QuantizeOptions, quantize_gguf
 
@@ -102,6 +108,23 @@ def main() -> int:
                             **_figures(score),
                         }
                     )
+        if args.uniform_control:
+            uniform = Imatrix(
+                entries={
+                    name: ImatrixEntry(np.ones_like(entry.sums), np.ones_like(entry.counts))
+                    for name, entry in imatrix.entries.items()
+                },
+                datasets=["uniform (all ones)"],
+                chunk_count=1,
+                chunk_size=args.chunk_size,
+            )
+            imx = work / "imatrix-uniform.gguf"
+            write_imatrix(imx, uniform)
+            for qtype in args.types:
+                out = work / f"uniform-{qtype}.gguf"
+                quantize_gguf(args.gguf, out, QuantizeOptions(qtype, threads=args.threads, imatrix=str(imx)))
+                score = score_gguf(out, ref, windows, args.context, args.threads)
+                rows.append({"type": qtype, "calibration_tokens": 0, "uniform_control": True, **_figures(score)})
     plain_kl = {r["type"]: r["mean_kl"] for r in rows if r["calibration_tokens"] is None}
     for r in rows:
         r["kl_change_vs_plain"] = round(r["mean_kl"] / plain_kl[r["type"]] - 1, 4)
@@ -110,6 +133,8 @@ def main() -> int:
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         tokens = "plain (none)" if r["calibration_tokens"] is None else str(r["calibration_tokens"])
+        if r.get("uniform_control"):
+            tokens = "uniform weights (no text)"
         seconds = f"{r['imatrix_seconds']:.1f}" if "imatrix_seconds" in r else "-"
         print(
             f"| {r['type']} | {tokens} | {r.get('calibration_start_token', '-')} | {seconds} | {r['mean_kl']:.5f} "
