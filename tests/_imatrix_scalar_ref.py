@@ -149,29 +149,6 @@ def _sigma2(row) -> np.float32:
     return f32(s / f32(len(row)))
 
 
-def q4_0_row(row, qw) -> bytes:
-    sigma2 = _sigma2(row)
-    out = b""
-    for b in range(len(row) // 32):
-        xb, wb = row[32 * b : 32 * b + 32], qw[32 * b : 32 * b + 32]
-        weight = [f32(wb[j] * np.sqrt(f32(sigma2 + f32(xb[j] * xb[j])))) for j in range(32)]
-        d, L = make_qx_weighted(xb, 8, weight)
-        out += struct.pack("<H", fp16_bits(d)) + bytes(L[j] | (L[j + 16] << 4) for j in range(16))
-    return out
-
-
-def q4_1_row(row, qw) -> bytes:
-    sigma2 = _sigma2(row)
-    out = b""
-    for b in range(len(row) // 32):
-        xb, wb = row[32 * b : 32 * b + 32], qw[32 * b : 32 * b + 32]
-        weight = [f32(wb[j] * np.sqrt(f32(sigma2 + f32(xb[j] * xb[j])))) for j in range(32)]
-        d, the_min, L = make_qkx3(xb, weight, 15)
-        out += struct.pack("<HH", fp16_bits(d), fp16_bits(f32(-the_min)))
-        out += bytes(L[j] | (L[j + 16] << 4) for j in range(16))
-    return out
-
-
 def _qh_pack(L) -> tuple[bytes, int]:
     """Low nibbles of a 32-weight block (pairs j, j+16) and the fifth bits as a uint32."""
     qh = 0
@@ -181,28 +158,38 @@ def _qh_pack(L) -> tuple[bytes, int]:
     return bytes((L[j] & 0xF) | ((L[j + 16] & 0xF) << 4) for j in range(16)), qh
 
 
-def q5_0_row(row, qw) -> bytes:
+def _legacy_row(row, qw, nmax, with_min) -> bytes:
+    """quantize_row_q{4,5}_0_impl (make_qx_quants(32, nmax)) and _1_impl (make_qkx3_quants(32, 2 nmax - 1))."""
     sigma2 = _sigma2(row)
     out = b""
     for b in range(len(row) // 32):
         xb, wb = row[32 * b : 32 * b + 32], qw[32 * b : 32 * b + 32]
         weight = [f32(wb[j] * np.sqrt(f32(sigma2 + f32(xb[j] * xb[j])))) for j in range(32)]
-        d, L = make_qx_weighted(xb, 16, weight)
+        if with_min:
+            d, the_min, L = make_qkx3(xb, weight, 2 * nmax - 1)
+            out += struct.pack("<HH", fp16_bits(d), fp16_bits(f32(-the_min)))
+        else:
+            d, L = make_qx_weighted(xb, nmax, weight)
+            out += struct.pack("<H", fp16_bits(d))
         qs, qh = _qh_pack(L)
-        out += struct.pack("<HI", fp16_bits(d), qh) + qs
+        out += (struct.pack("<I", qh) if nmax == 16 else b"") + qs
     return out
+
+
+def q4_0_row(row, qw) -> bytes:
+    return _legacy_row(row, qw, 8, False)
+
+
+def q4_1_row(row, qw) -> bytes:
+    return _legacy_row(row, qw, 8, True)
+
+
+def q5_0_row(row, qw) -> bytes:
+    return _legacy_row(row, qw, 16, False)
 
 
 def q5_1_row(row, qw) -> bytes:
-    sigma2 = _sigma2(row)
-    out = b""
-    for b in range(len(row) // 32):
-        xb, wb = row[32 * b : 32 * b + 32], qw[32 * b : 32 * b + 32]
-        weight = [f32(wb[j] * np.sqrt(f32(sigma2 + f32(xb[j] * xb[j])))) for j in range(32)]
-        d, the_min, L = make_qkx3(xb, weight, 31)
-        qs, qh = _qh_pack(L)
-        out += struct.pack("<HHI", fp16_bits(d), fp16_bits(f32(-the_min)), qh) + qs
-    return out
+    return _legacy_row(row, qw, 16, True)
 
 
 def q4_k_row(row, qw) -> bytes:

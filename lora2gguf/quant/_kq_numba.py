@@ -119,64 +119,72 @@ def qkx2_search(X, nmax, rmin, rdelta, nstep, scales, the_mins, L):  # pragma: n
         scales[s] = scale
 
 
+@njit(cache=True, error_model="numpy")
+def _make_qx_quants(n, nmax, x, L, qw, fbuf, ibuf):  # pragma: no cover - compiled
+    """make_qx_quants(n, nmax, x, L, rmse_type=1, qw) with weights: L gets levels + nmax."""
+    amax = _ZERO
+    vmax = _ZERO
+    for i in range(n):
+        ax = abs(x[i])
+        if ax > amax:
+            amax = ax
+            vmax = x[i]
+    if amax < _EPS:
+        for i in range(n):
+            L[i] = 0
+        return _ZERO
+    nmaxf = np.float32(nmax)
+    iscale = -nmaxf / vmax
+    sumlx = _ZERO
+    suml2 = _ZERO
+    for i in range(n):
+        l = _nearest_int(iscale * x[i], fbuf, ibuf)
+        l = max(-nmax, min(nmax - 1, l))
+        L[i] = l + nmax
+        fl = np.float32(l)
+        w = qw[i]
+        sumlx = sumlx + w * x[i] * fl
+        suml2 = suml2 + w * fl * fl
+    scale = sumlx / suml2 if suml2 != _ZERO else _ZERO
+    best = scale * sumlx
+    for step in range(-9, 10):
+        if step == 0:
+            continue
+        iscale = -(nmaxf + np.float32(0.1) * np.float32(step)) / vmax
+        sumlx = _ZERO
+        suml2 = _ZERO
+        for i in range(n):
+            l = _nearest_int(iscale * x[i], fbuf, ibuf)
+            l = max(-nmax, min(nmax - 1, l))
+            fl = np.float32(l)
+            w = qw[i]
+            sumlx = sumlx + w * x[i] * fl
+            suml2 = suml2 + w * fl * fl
+        if suml2 > _ZERO and sumlx * sumlx > best * suml2:
+            for i in range(n):
+                l = _nearest_int(iscale * x[i], fbuf, ibuf)
+                L[i] = nmax + max(-nmax, min(nmax - 1, l))
+            scale = sumlx / suml2
+            best = scale * sumlx
+    return scale
+
+
 @njit(nogil=True, cache=True, error_model="numpy")
 def qx_rmse1_search(X, nmax, scales, L):  # pragma: no cover - compiled
-    """make_qx_quants(n, nmax, x, L, rmse_type=1, NULL) for every row of X (S, n) float32.
+    """make_qx_quants(n, nmax, x, L, rmse_type=1, NULL) for every row of X (S, n) float32: the
+    weights are x^2 (what C computes inline when no quant_weights are given).
 
     Fills scales (S,) float32 and L (S, n) uint8 (levels + nmax; 0 for all-zero rows).
     """
     S, n = X.shape
     fbuf = np.empty(1, dtype=np.float32)
     ibuf = fbuf.view(np.int32)
-    nmaxf = np.float32(nmax)
-    tenth = np.float32(0.1)
+    w = np.empty(n, dtype=np.float32)
     for s in range(S):
         x = X[s]
-        amax = _ZERO
-        vmax = _ZERO
         for i in range(n):
-            ax = abs(x[i])
-            if ax > amax:
-                amax = ax
-                vmax = x[i]
-        if amax < _EPS:
-            for i in range(n):
-                L[s, i] = 0
-            scales[s] = _ZERO
-            continue
-        iscale = -nmaxf / vmax
-        sumlx = _ZERO
-        suml2 = _ZERO
-        for i in range(n):
-            l = _nearest_int(iscale * x[i], fbuf, ibuf)
-            l = max(-nmax, min(nmax - 1, l))
-            L[s, i] = l + nmax
-            fl = np.float32(l)
-            w = x[i] * x[i]
-            sumlx = sumlx + w * x[i] * fl
-            suml2 = suml2 + w * fl * fl
-        scale = sumlx / suml2 if suml2 != _ZERO else _ZERO
-        best = scale * sumlx
-        for step in range(-9, 10):
-            if step == 0:
-                continue
-            iscale = -(nmaxf + tenth * np.float32(step)) / vmax
-            sumlx = _ZERO
-            suml2 = _ZERO
-            for i in range(n):
-                l = _nearest_int(iscale * x[i], fbuf, ibuf)
-                l = max(-nmax, min(nmax - 1, l))
-                fl = np.float32(l)
-                w = x[i] * x[i]
-                sumlx = sumlx + w * x[i] * fl
-                suml2 = suml2 + w * fl * fl
-            if suml2 > _ZERO and sumlx * sumlx > best * suml2:
-                for i in range(n):
-                    l = _nearest_int(iscale * x[i], fbuf, ibuf)
-                    L[s, i] = nmax + max(-nmax, min(nmax - 1, l))
-                scale = sumlx / suml2
-                best = scale * sumlx
-        scales[s] = scale
+            w[i] = x[i] * x[i]
+        scales[s] = _make_qx_quants(n, nmax, x, L[s], w, fbuf, ibuf)
 
 
 # --------------------------------------------------------------------------- SIMD-friendly variants

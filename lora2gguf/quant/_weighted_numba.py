@@ -18,7 +18,7 @@ import math
 import numpy as np
 from numba import njit
 
-from lora2gguf.quant._kq_numba import _nearest_int
+from lora2gguf.quant._kq_numba import _make_qx_quants, _nearest_int
 
 _ZERO = np.float32(0.0)
 _ONE = np.float32(1.0)
@@ -60,56 +60,6 @@ def _put_fp16(out, pos, v):  # pragma: no cover - compiled
             bits |= ((e - 1 + 15) << 10) | int((m * 2.0 - 1.0) * 1024.0)
     out[pos] = bits & 0xFF
     out[pos + 1] = bits >> 8
-
-
-@njit(cache=True, error_model="numpy")
-def _make_qx_quants(n, nmax, x, L, qw, fbuf, ibuf):  # pragma: no cover - compiled
-    """make_qx_quants(n, nmax, x, L, rmse_type=1, qw) with weights: L gets levels + nmax."""
-    amax = _ZERO
-    vmax = _ZERO
-    for i in range(n):
-        ax = abs(x[i])
-        if ax > amax:
-            amax = ax
-            vmax = x[i]
-    if amax < _EPS:
-        for i in range(n):
-            L[i] = 0
-        return _ZERO
-    nmaxf = np.float32(nmax)
-    iscale = -nmaxf / vmax
-    sumlx = _ZERO
-    suml2 = _ZERO
-    for i in range(n):
-        l = _nearest_int(iscale * x[i], fbuf, ibuf)
-        l = max(-nmax, min(nmax - 1, l))
-        L[i] = l + nmax
-        fl = np.float32(l)
-        w = qw[i]
-        sumlx = sumlx + w * x[i] * fl
-        suml2 = suml2 + w * fl * fl
-    scale = sumlx / suml2 if suml2 != _ZERO else _ZERO
-    best = scale * sumlx
-    for step in range(-9, 10):
-        if step == 0:
-            continue
-        iscale = -(nmaxf + _TENTH * np.float32(step)) / vmax
-        sumlx = _ZERO
-        suml2 = _ZERO
-        for i in range(n):
-            l = _nearest_int(iscale * x[i], fbuf, ibuf)
-            l = max(-nmax, min(nmax - 1, l))
-            fl = np.float32(l)
-            w = qw[i]
-            sumlx = sumlx + w * x[i] * fl
-            suml2 = suml2 + w * fl * fl
-        if suml2 > _ZERO and sumlx * sumlx > best * suml2:
-            for i in range(n):
-                l = _nearest_int(iscale * x[i], fbuf, ibuf)
-                L[i] = nmax + max(-nmax, min(nmax - 1, l))
-            scale = sumlx / suml2
-            best = scale * sumlx
-    return scale
 
 
 @njit(cache=True, error_model="numpy")
@@ -253,14 +203,34 @@ def _row_sigma2(x, n):  # pragma: no cover - compiled
     return sum_x2 / np.float32(n)
 
 
-@njit(nogil=True, cache=True, error_model="numpy")
-def q4_0(X, QW, OUT):  # pragma: no cover - compiled
-    """quantize_row_q4_0_impl: weights qw * sqrt(sigma2 + x^2), make_qx_quants(32, 8)."""
+@njit(inline="always", cache=True, error_model="numpy")
+def _put_qs_qh(out, o, L, with_qh):  # pragma: no cover - compiled
+    """A 32-weight block's levels: low nibbles of pairs (j, j + 16) at out[o:o+16], and with
+    ``with_qh`` the fifth bits as a little-endian uint32 at out[o-4:o] (Q5_0 / Q5_1 layout)."""
+    qh = 0
+    for j in range(16):
+        x0 = L[j]
+        x1 = L[j + 16]
+        out[o + j] = (x0 & 0x0F) | ((x1 & 0x0F) << 4)
+        qh |= ((x0 & 0x10) >> 4) << j
+        qh |= ((x1 & 0x10) >> 4) << (j + 16)
+    if with_qh:
+        for k in range(4):
+            out[o - 4 + k] = (qh >> (8 * k)) & 0xFF
+
+
+@njit(cache=True, error_model="numpy")
+def _legacy_rows(X, QW, OUT, nmax, with_min, block_bytes):  # pragma: no cover - compiled
+    """quantize_row_q{4,5}_{0,1}_impl. Per block the weights are qw * sqrt(sigma2 + x^2) (sigma2:
+    the row's mean square); symmetric types (_0) use make_qx_quants(32, nmax), types with a min (_1)
+    make_qkx3_quants(32, 2 * nmax - 1). Layout: d [, m] [, qh], qs."""
     rows, n = X.shape
     weight = np.empty(32, np.float32)
     L = np.empty(32, np.int64)
+    Laux = np.empty(32, np.int64)
     fbuf = np.empty(1, np.float32)
     ibuf = fbuf.view(np.int32)
+    with_qh = nmax == 16
     for r in range(rows):
         x = X[r]
         sigma2 = _row_sigma2(x, n)
@@ -268,95 +238,36 @@ def q4_0(X, QW, OUT):  # pragma: no cover - compiled
             xb = x[32 * ib : 32 * ib + 32]
             for j in range(32):
                 weight[j] = QW[32 * ib + j] * np.sqrt(sigma2 + xb[j] * xb[j])
-            d = _fp16_round(_make_qx_quants(32, 8, xb, L, weight, fbuf, ibuf))
-            o = 18 * ib
-            _put_fp16(OUT[r], o, d)
-            for j in range(16):
-                OUT[r, o + 2 + j] = L[j] | (L[j + 16] << 4)
+            o = block_bytes * ib
+            if with_min:
+                d, the_min = _make_qkx3_quants(32, 2 * nmax - 1, xb, weight, L, Laux, fbuf, ibuf)
+                _put_fp16(OUT[r], o, _fp16_round(d))
+                _put_fp16(OUT[r], o + 2, _fp16_round(-the_min))
+                o += 4
+            else:
+                _put_fp16(OUT[r], o, _fp16_round(_make_qx_quants(32, nmax, xb, L, weight, fbuf, ibuf)))
+                o += 2
+            _put_qs_qh(OUT[r], o + 4 if with_qh else o, L, with_qh)
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def q4_0(X, QW, OUT):  # pragma: no cover - compiled
+    _legacy_rows(X, QW, OUT, 8, False, 18)
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
 def q5_0(X, QW, OUT):  # pragma: no cover - compiled
-    """quantize_row_q5_0_impl: as Q4_0 with make_qx_quants(32, 16) and the fifth bits in qh."""
-    rows, n = X.shape
-    weight = np.empty(32, np.float32)
-    L = np.empty(32, np.int64)
-    fbuf = np.empty(1, np.float32)
-    ibuf = fbuf.view(np.int32)
-    for r in range(rows):
-        x = X[r]
-        sigma2 = _row_sigma2(x, n)
-        for ib in range(n // 32):
-            xb = x[32 * ib : 32 * ib + 32]
-            for j in range(32):
-                weight[j] = QW[32 * ib + j] * np.sqrt(sigma2 + xb[j] * xb[j])
-            d = _fp16_round(_make_qx_quants(32, 16, xb, L, weight, fbuf, ibuf))
-            o = 22 * ib
-            _put_fp16(OUT[r], o, d)
-            qh = 0
-            for j in range(16):
-                x0 = L[j]
-                x1 = L[j + 16]
-                OUT[r, o + 6 + j] = (x0 & 0x0F) | ((x1 & 0x0F) << 4)
-                qh |= ((x0 & 0x10) >> 4) << j
-                qh |= ((x1 & 0x10) >> 4) << (j + 16)
-            for k in range(4):
-                OUT[r, o + 2 + k] = (qh >> (8 * k)) & 0xFF
+    _legacy_rows(X, QW, OUT, 16, False, 22)
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
 def q4_1(X, QW, OUT):  # pragma: no cover - compiled
-    """quantize_row_q4_1_impl: weights qw * sqrt(sigma2 + x^2), make_qkx3_quants(32, 15)."""
-    rows, n = X.shape
-    weight = np.empty(32, np.float32)
-    L = np.empty(32, np.int64)
-    Laux = np.empty(32, np.int64)
-    fbuf = np.empty(1, np.float32)
-    ibuf = fbuf.view(np.int32)
-    for r in range(rows):
-        x = X[r]
-        sigma2 = _row_sigma2(x, n)
-        for ib in range(n // 32):
-            xb = x[32 * ib : 32 * ib + 32]
-            for j in range(32):
-                weight[j] = QW[32 * ib + j] * np.sqrt(sigma2 + xb[j] * xb[j])
-            d, the_min = _make_qkx3_quants(32, 15, xb, weight, L, Laux, fbuf, ibuf)
-            o = 20 * ib
-            _put_fp16(OUT[r], o, _fp16_round(d))
-            _put_fp16(OUT[r], o + 2, _fp16_round(-the_min))
-            for j in range(16):
-                OUT[r, o + 4 + j] = L[j] | (L[j + 16] << 4)
+    _legacy_rows(X, QW, OUT, 8, True, 20)
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
 def q5_1(X, QW, OUT):  # pragma: no cover - compiled
-    """quantize_row_q5_1_impl: as Q4_1 with make_qkx3_quants(32, 31) and the fifth bits in qh."""
-    rows, n = X.shape
-    weight = np.empty(32, np.float32)
-    L = np.empty(32, np.int64)
-    Laux = np.empty(32, np.int64)
-    fbuf = np.empty(1, np.float32)
-    ibuf = fbuf.view(np.int32)
-    for r in range(rows):
-        x = X[r]
-        sigma2 = _row_sigma2(x, n)
-        for ib in range(n // 32):
-            xb = x[32 * ib : 32 * ib + 32]
-            for j in range(32):
-                weight[j] = QW[32 * ib + j] * np.sqrt(sigma2 + xb[j] * xb[j])
-            d, the_min = _make_qkx3_quants(32, 31, xb, weight, L, Laux, fbuf, ibuf)
-            o = 24 * ib
-            _put_fp16(OUT[r], o, _fp16_round(d))
-            _put_fp16(OUT[r], o + 2, _fp16_round(-the_min))
-            qh = 0
-            for j in range(16):
-                x0 = L[j]
-                x1 = L[j + 16]
-                OUT[r, o + 8 + j] = (x0 & 0x0F) | ((x1 & 0x0F) << 4)
-                qh |= ((x0 & 0x10) >> 4) << j
-                qh |= ((x1 & 0x10) >> 4) << (j + 16)
-            for k in range(4):
-                OUT[r, o + 4 + k] = (qh >> (8 * k)) & 0xFF
+    _legacy_rows(X, QW, OUT, 16, True, 24)
 
 
 @njit(inline="always", cache=True, error_model="numpy")
@@ -414,9 +325,10 @@ def _qkx_superblock(x, qw, nmax, clamp63, L, sc, Laux, weights, scales, mins, sw
     return d_block, m_block
 
 
-@njit(nogil=True, cache=True, error_model="numpy")
-def q4_k(X, QW, OUT):  # pragma: no cover - compiled
-    """quantize_row_q4_K_impl."""
+@njit(cache=True, error_model="numpy")
+def _qkx_rows(X, QW, OUT, nmax, block_bytes):  # pragma: no cover - compiled
+    """quantize_row_q4_K_impl (nmax 15, 144-byte blocks) and quantize_row_q5_K_impl (nmax 31, 176
+    bytes: the fifth bits in qh, scales clamped to 63). Layout: d, dmin, scales[12] [, qh[32]], qs."""
     rows, n = X.shape
     L = np.zeros(_QK_K, np.int64)
     Laux = np.empty(32, np.int64)
@@ -429,68 +341,45 @@ def q4_k(X, QW, OUT):  # pragma: no cover - compiled
     Lm = np.empty(8, np.int64)
     fbuf = np.empty(1, np.float32)
     ibuf = fbuf.view(np.int32)
+    five_bits = nmax == 31
     for r in range(rows):
         for ibk in range(n // _QK_K):
             x = X[r, _QK_K * ibk : _QK_K * ibk + _QK_K]
             qw = QW[_QK_K * ibk : _QK_K * ibk + _QK_K]
-            d, dmin = _qkx_superblock(x, qw, 15, False, L, sc, Laux, weights, scales, mins, sw, Ls, Lm, fbuf, ibuf)
-            o = 144 * ibk
+            d, dmin = _qkx_superblock(x, qw, nmax, five_bits, L, sc, Laux, weights, scales, mins, sw, Ls, Lm, fbuf, ibuf)
+            o = block_bytes * ibk
             _put_fp16(OUT[r], o, d)
             _put_fp16(OUT[r], o + 2, dmin)
             for j in range(12):
-                OUT[r, o + 4 + j] = sc[j] & 0xFF
-            q = o + 16
-            for j in range(0, _QK_K, 64):
+                OUT[r, o + 4 + j] = sc[j]
+            qh = o + 16
+            ql = o + 48 if five_bits else o + 16
+            if five_bits:
                 for i in range(32):
-                    OUT[r, q + i] = L[j + i] | (L[j + i + 32] << 4)
-                q += 32
+                    OUT[r, qh + i] = 0
+            for k in range(4):  # 64 weights per step: pairs (i, i + 32) share a byte of qs
+                base = 64 * k
+                for i in range(32):
+                    l1 = L[base + i]
+                    l2 = L[base + i + 32]
+                    if five_bits:
+                        if l1 > 15:
+                            l1 -= 16
+                            OUT[r, qh + i] |= 1 << (2 * k)
+                        if l2 > 15:
+                            l2 -= 16
+                            OUT[r, qh + i] |= 2 << (2 * k)
+                    OUT[r, ql + 32 * k + i] = l1 | (l2 << 4)
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def q4_k(X, QW, OUT):  # pragma: no cover - compiled
+    _qkx_rows(X, QW, OUT, 15, 144)
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
 def q5_k(X, QW, OUT):  # pragma: no cover - compiled
-    """quantize_row_q5_K_impl."""
-    rows, n = X.shape
-    L = np.zeros(_QK_K, np.int64)
-    Laux = np.empty(32, np.int64)
-    sc = np.zeros(12, np.int64)
-    weights = np.empty(32, np.float32)
-    scales = np.empty(8, np.float32)
-    mins = np.empty(8, np.float32)
-    sw = np.empty(8, np.float32)
-    Ls = np.empty(8, np.int64)
-    Lm = np.empty(8, np.int64)
-    fbuf = np.empty(1, np.float32)
-    ibuf = fbuf.view(np.int32)
-    for r in range(rows):
-        for ibk in range(n // _QK_K):
-            x = X[r, _QK_K * ibk : _QK_K * ibk + _QK_K]
-            qw = QW[_QK_K * ibk : _QK_K * ibk + _QK_K]
-            d, dmin = _qkx_superblock(x, qw, 31, True, L, sc, Laux, weights, scales, mins, sw, Ls, Lm, fbuf, ibuf)
-            o = 176 * ibk
-            _put_fp16(OUT[r], o, d)
-            _put_fp16(OUT[r], o + 2, dmin)
-            for j in range(12):
-                OUT[r, o + 4 + j] = sc[j] & 0xFF
-            qh = o + 16
-            ql = o + 48
-            for i in range(32):
-                OUT[r, qh + i] = 0
-            m1 = 1
-            m2 = 2
-            for base in range(0, _QK_K, 64):
-                for j in range(32):
-                    l1 = L[base + j]
-                    if l1 > 15:
-                        l1 -= 16
-                        OUT[r, qh + j] |= m1
-                    l2 = L[base + j + 32]
-                    if l2 > 15:
-                        l2 -= 16
-                        OUT[r, qh + j] |= m2
-                    OUT[r, ql + j] = l1 | (l2 << 4)
-                m1 <<= 2
-                m2 <<= 2
-                ql += 32
+    _qkx_rows(X, QW, OUT, 31, 176)
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
