@@ -19,6 +19,7 @@ if ! command -v cmake > /dev/null; then
     "$python" -m pip install -q cmake
     PATH="$(dirname "$python"):$PATH"
 fi
+mkdir -p "$out"
 src=$(mktemp -d)
 trap 'rm -rf "$src"' EXIT
 tar -xzf "$sdist" -C "$src"
