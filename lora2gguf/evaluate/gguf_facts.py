@@ -9,18 +9,12 @@ from pathlib import Path
 from typing import Any
 
 from lora2gguf.errors import Lora2ggufError
+from lora2gguf.quant.gguf_io import reader_value
 
 logger = logging.getLogger(__name__)
 
 # Sidecar keys we copy into the comparison when present (written by lora2gguf quantize).
 _SIDECAR_KEYS = ("type", "fallbacks", "fallback_count", "tensor_types", "bits_per_weight", "n_tensors", "imatrix")
-
-
-def _field_value(reader: Any, key: str) -> Any:
-    field = reader.fields.get(key)
-    if field is None:
-        return None
-    return field.contents()
 
 
 def file_type_label(file_type: int | None, tensor_types: dict[str, int]) -> str:
@@ -54,18 +48,18 @@ def describe(path: Path) -> dict[str, Any]:
         counts[tensor.tensor_type.name] += 1
         n_bytes += int(tensor.n_bytes)
         n_elements += int(tensor.n_elements)
-    file_type = _field_value(reader, "general.file_type")
+    file_type = reader_value(reader, "general.file_type")
     tensor_types = dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
     # llama-quantize --imatrix (and lora2gguf quantize --imatrix) record the importance matrix used
     imatrix = {
-        key.removeprefix("quantize.imatrix."): _field_value(reader, key)
+        key.removeprefix("quantize.imatrix."): reader_value(reader, key)
         for key in reader.fields
         if key.startswith("quantize.imatrix.")
     } or None
     return {
         "file": str(path),
         "size_bytes": path.stat().st_size,
-        "architecture": _field_value(reader, "general.architecture"),
+        "architecture": reader_value(reader, "general.architecture"),
         "file_type": file_type_label(file_type, tensor_types),
         "general_file_type": None if file_type is None else int(file_type),
         "n_tensors": len(reader.tensors),

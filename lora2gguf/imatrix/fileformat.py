@@ -84,16 +84,11 @@ def write_imatrix(path: str | os.PathLike[str], imatrix: Imatrix) -> None:
     writer.close()
 
 
-def _field_value(reader: object, key: str, path: Path) -> object:
-    from lora2gguf.quant.gguf_io import field_value
-
-    field = reader.fields.get(key)  # type: ignore[attr-defined]
-    return None if field is None else field_value(field)
-
-
 def read_imatrix(path: str | os.PathLike[str]) -> Imatrix:
     """Read an imatrix GGUF with gguf-py; every problem is reported with the file and the key."""
     import gguf
+
+    from lora2gguf.quant.gguf_io import reader_value
 
     path = Path(path)
     if not path.is_file():
@@ -102,7 +97,7 @@ def read_imatrix(path: str | os.PathLike[str]) -> Imatrix:
         reader = gguf.GGUFReader(path)
     except (ValueError, OSError) as exc:
         raise Lora2ggufError(f"{path}: not a GGUF file ({exc})") from exc
-    kind = _field_value(reader, gguf.Keys.General.TYPE, path)
+    kind = reader_value(reader, gguf.Keys.General.TYPE)
     if kind != GENERAL_TYPE:
         raise Lora2ggufError(
             f"{path}: general.type is {kind!r}, expected 'imatrix' (is this a model file? the legacy "
@@ -112,10 +107,10 @@ def read_imatrix(path: str | os.PathLike[str]) -> Imatrix:
     for key in (KEY_DATASETS, KEY_CHUNK_COUNT, KEY_CHUNK_SIZE):
         if key not in reader.fields:
             raise Lora2ggufError(f"{path}: metadata key {key} missing (llama-quantize refuses such a file)")
-    datasets = _field_value(reader, KEY_DATASETS, path)
+    datasets = reader_value(reader, KEY_DATASETS)
     imatrix.datasets = [str(d) for d in datasets] if isinstance(datasets, list) else [str(datasets)]
-    imatrix.chunk_count = int(_field_value(reader, KEY_CHUNK_COUNT, path))  # type: ignore[arg-type]
-    imatrix.chunk_size = int(_field_value(reader, KEY_CHUNK_SIZE, path))  # type: ignore[arg-type]
+    imatrix.chunk_count = int(reader_value(reader, KEY_CHUNK_COUNT))  # type: ignore[arg-type]
+    imatrix.chunk_size = int(reader_value(reader, KEY_CHUNK_SIZE))  # type: ignore[arg-type]
 
     sums: dict[str, np.ndarray] = {}
     counts: dict[str, np.ndarray] = {}

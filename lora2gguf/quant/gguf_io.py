@@ -273,6 +273,12 @@ def field_value(field: Any) -> Any:
         return None
 
 
+def reader_value(reader: Any, key: str) -> Any:
+    """The value of ``key`` in a gguf.GGUFReader's metadata, or None when absent or unreadable."""
+    field = reader.fields.get(key)
+    return None if field is None else field_value(field)
+
+
 def raw_record(field: Any) -> bytes:
     """The serialized bytes of one key/value record exactly as stored in the file."""
     return b"".join(np.asarray(part).tobytes() for part in field.parts)
