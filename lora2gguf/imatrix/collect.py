@@ -119,6 +119,8 @@ def collect(
         with torch.inference_mode():
             for chunk in tqdm(chunks, desc="imatrix", unit="chunk", disable=None):
                 model(torch.tensor([chunk], device=device), use_cache=False)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # CUDA work is asynchronous: time it to the end
     finally:
         for h in handles:
             h.remove()
