@@ -12,7 +12,7 @@ import struct
 
 import numpy as np
 
-from _kq_scalar_ref import f32, fp16_bits, fp16_val, nearest_int
+from _kq_scalar_ref import f32, fp16_bits, fp16_val, make_qkx2, nearest_int
 
 EPS = f32(1e-15)
 
@@ -50,47 +50,11 @@ def make_qx_weighted(x, nmax, qw):
 
 
 def make_qkx3(x, w, nmax):
-    """make_qkx3_quants(n, nmax, x, w, L, &the_min, Laux, -0.9, 0.05, 36, false): (scale, the_min, L)."""
-    n = len(x)
-    mn, mx = x[0], x[0]
-    sum_w = w[0]
-    sum_x = f32(sum_w * x[0])
-    for i in range(1, n):
-        mn, mx = min(mn, x[i]), max(mx, x[i])
-        sum_w = f32(sum_w + w[i])
-        sum_x = f32(sum_x + f32(w[i] * x[i]))
-    mn = min(mn, f32(0))
-    if mx <= mn:
-        return f32(0), f32(-mn), [0] * n
-    iscale = f32(f32(nmax) / f32(mx - mn))
-    scale = f32(f32(1) / iscale)
-    L = [max(0, min(nmax, nearest_int(f32(iscale * f32(x[i] - mn))))) for i in range(n)]
-    best = f32(0)
-    for i in range(n):
-        d = f32(f32(f32(scale * f32(L[i])) + mn) - x[i])
-        best = f32(best + f32(w[i] * f32(d * d)))
-    for step in range(37):
-        iscale = f32(f32(f32(f32(-0.9) + f32(f32(0.05) * f32(step))) + f32(nmax)) / f32(mx - mn))
-        aux = [max(0, min(nmax, nearest_int(f32(iscale * f32(x[i] - mn))))) for i in range(n)]
-        sl, sl2, sxl = f32(0), f32(0), f32(0)
-        for i in range(n):
-            wl = f32(w[i] * f32(aux[i]))
-            sl = f32(sl + wl)
-            sl2 = f32(sl2 + f32(wl * f32(aux[i])))
-            sxl = f32(sxl + f32(wl * x[i]))
-        D = f32(f32(sum_w * sl2) - f32(sl * sl))
-        if D > 0:
-            this_scale = f32(f32(f32(sum_w * sxl) - f32(sum_x * sl)) / D)
-            this_min = f32(f32(f32(sl2 * sum_x) - f32(sl * sxl)) / D)
-            if this_min > 0:
-                this_min, this_scale = f32(0), f32(sxl / sl2)
-            mad = f32(0)
-            for i in range(n):
-                d = f32(f32(f32(this_scale * f32(aux[i])) + this_min) - x[i])
-                mad = f32(mad + f32(w[i] * f32(d * d)))
-            if mad < best:
-                L, best, scale, mn = aux, mad, this_scale, this_min
-    return scale, f32(-mn), L
+    """make_qkx3_quants(n, nmax, x, w, L, &the_min, Laux, -0.9, 0.05, 36, false): (scale, the_min, L).
+
+    With explicit weights and nstep >= 1 it is make_qkx2_quants: the C bodies differ only in the
+    degenerate test (max <= min vs max == min), which cannot differ since min <= max."""
+    return make_qkx2(x, w, nmax, -0.9, 0.05, 36)
 
 
 def make_qp(x, nmax, qw):

@@ -31,6 +31,76 @@ def _nearest_int(v, fbuf, ibuf):  # pragma: no cover - compiled
     return np.int64(ibuf[0] & 0x7FFFFF) - 0x400000
 
 
+@njit(cache=True, error_model="numpy")
+def _make_qkx_quants(n, nmax, x, weights, L, Laux, rmin, rdelta, nstep, fbuf, ibuf):  # pragma: no cover - compiled
+    """ggml's make_qkx2_quants(n, nmax, x, weights, L, &the_min, Laux, rmin, rdelta, nstep, false),
+    which is also make_qkx3_quants with explicit weights and nstep >= 1 (their degenerate tests,
+    max == min and max <= min, cannot differ: min <= max). Returns (scale, the_min = -min)."""
+    nmaxf = np.float32(nmax)
+    rminf = np.float32(rmin)
+    rdeltaf = np.float32(rdelta)
+    mn = x[0]
+    mx = x[0]
+    sum_w = weights[0]
+    sum_x = sum_w * x[0]
+    for i in range(1, n):
+        if x[i] < mn:
+            mn = x[i]
+        if x[i] > mx:
+            mx = x[i]
+        sum_w = sum_w + weights[i]
+        sum_x = sum_x + weights[i] * x[i]
+    if mn > _ZERO:
+        mn = _ZERO
+    if mx == mn:
+        for i in range(n):
+            L[i] = 0
+        return _ZERO, -mn
+    iscale = nmaxf / (mx - mn)
+    scale = _ONE / iscale
+    best_error = _ZERO
+    for i in range(n):
+        l = _nearest_int(iscale * (x[i] - mn), fbuf, ibuf)
+        l = max(0, min(nmax, l))
+        L[i] = l
+        diff = scale * np.float32(l) + mn - x[i]
+        diff = diff * diff
+        best_error = best_error + weights[i] * diff
+    for step in range(nstep + 1):
+        iscale = (rminf + rdeltaf * np.float32(step) + nmaxf) / (mx - mn)
+        sum_l = _ZERO
+        sum_l2 = _ZERO
+        sum_xl = _ZERO
+        for i in range(n):
+            l = _nearest_int(iscale * (x[i] - mn), fbuf, ibuf)
+            l = max(0, min(nmax, l))
+            Laux[i] = l
+            fl = np.float32(l)
+            wl = weights[i] * fl
+            sum_l = sum_l + wl
+            sum_l2 = sum_l2 + wl * fl
+            sum_xl = sum_xl + wl * x[i]
+        D = sum_w * sum_l2 - sum_l * sum_l
+        if D > _ZERO:
+            this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
+            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
+            if this_min > _ZERO:
+                this_min = _ZERO
+                this_scale = sum_xl / sum_l2
+            cur_error = _ZERO
+            for i in range(n):
+                diff = this_scale * np.float32(Laux[i]) + this_min - x[i]
+                diff = diff * diff
+                cur_error = cur_error + weights[i] * diff
+            if cur_error < best_error:
+                for i in range(n):
+                    L[i] = Laux[i]
+                best_error = cur_error
+                scale = this_scale
+                mn = this_min
+    return scale, -mn
+
+
 @njit(nogil=True, cache=True, error_model="numpy")
 def qkx2_search(X, nmax, rmin, rdelta, nstep, scales, the_mins, L):  # pragma: no cover - compiled
     """Weights av_x + |x| and make_qkx2_quants for every row of X (S, n) float32.
@@ -42,9 +112,6 @@ def qkx2_search(X, nmax, rmin, rdelta, nstep, scales, the_mins, L):  # pragma: n
     Laux = np.empty(n, dtype=np.int64)
     fbuf = np.empty(1, dtype=np.float32)
     ibuf = fbuf.view(np.int32)
-    nmaxf = np.float32(nmax)
-    rminf = np.float32(rmin)
-    rdeltaf = np.float32(rdelta)
     nf = np.float32(n)
     for s in range(S):
         x = X[s]
@@ -54,69 +121,7 @@ def qkx2_search(X, nmax, rmin, rdelta, nstep, scales, the_mins, L):  # pragma: n
         av_x = np.sqrt(sum_x2 / nf)
         for i in range(n):
             W[i] = av_x + abs(x[i])
-        mn = x[0]
-        mx = x[0]
-        sum_w = W[0]
-        sum_x = sum_w * x[0]
-        for i in range(1, n):
-            if x[i] < mn:
-                mn = x[i]
-            if x[i] > mx:
-                mx = x[i]
-            sum_w = sum_w + W[i]
-            sum_x = sum_x + W[i] * x[i]
-        if mn > _ZERO:
-            mn = _ZERO
-        if mx == mn:
-            for i in range(n):
-                L[s, i] = 0
-            the_mins[s] = -mn
-            scales[s] = _ZERO
-            continue
-        iscale = nmaxf / (mx - mn)
-        scale = _ONE / iscale
-        best_error = _ZERO
-        for i in range(n):
-            l = _nearest_int(iscale * (x[i] - mn), fbuf, ibuf)
-            l = max(0, min(nmax, l))
-            L[s, i] = l
-            diff = scale * np.float32(l) + mn - x[i]
-            diff = diff * diff
-            best_error = best_error + W[i] * diff
-        for step in range(nstep + 1):
-            iscale = (rminf + rdeltaf * np.float32(step) + nmaxf) / (mx - mn)
-            sum_l = _ZERO
-            sum_l2 = _ZERO
-            sum_xl = _ZERO
-            for i in range(n):
-                l = _nearest_int(iscale * (x[i] - mn), fbuf, ibuf)
-                l = max(0, min(nmax, l))
-                Laux[i] = l
-                fl = np.float32(l)
-                wl = W[i] * fl
-                sum_l = sum_l + wl
-                sum_l2 = sum_l2 + wl * fl
-                sum_xl = sum_xl + wl * x[i]
-            D = sum_w * sum_l2 - sum_l * sum_l
-            if D > _ZERO:
-                this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
-                this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
-                if this_min > _ZERO:
-                    this_min = _ZERO
-                    this_scale = sum_xl / sum_l2
-                cur_error = _ZERO
-                for i in range(n):
-                    diff = this_scale * np.float32(Laux[i]) + this_min - x[i]
-                    diff = diff * diff
-                    cur_error = cur_error + W[i] * diff
-                if cur_error < best_error:
-                    for i in range(n):
-                        L[s, i] = Laux[i]
-                    best_error = cur_error
-                    scale = this_scale
-                    mn = this_min
-        the_mins[s] = -mn
-        scales[s] = scale
+        scales[s], the_mins[s] = _make_qkx_quants(n, nmax, x, W, L[s], Laux, rmin, rdelta, nstep, fbuf, ibuf)
 
 
 @njit(cache=True, error_model="numpy")

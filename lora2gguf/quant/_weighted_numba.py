@@ -18,7 +18,7 @@ import math
 import numpy as np
 from numba import njit
 
-from lora2gguf.quant._kq_numba import _make_qx_quants, _nearest_int
+from lora2gguf.quant._kq_numba import _make_qkx_quants, _make_qx_quants, _nearest_int
 
 _ZERO = np.float32(0.0)
 _ONE = np.float32(1.0)
@@ -60,75 +60,6 @@ def _put_fp16(out, pos, v):  # pragma: no cover - compiled
             bits |= ((e - 1 + 15) << 10) | int((m * 2.0 - 1.0) * 1024.0)
     out[pos] = bits & 0xFF
     out[pos + 1] = bits >> 8
-
-
-@njit(cache=True, error_model="numpy")
-def _make_qkx3_quants(n, nmax, x, weights, L, Laux, fbuf, ibuf):  # pragma: no cover - compiled
-    """make_qkx3_quants(n, nmax, x, weights, L, &the_min, Laux, -0.9, 0.05, 36, false).
-
-    Returns (scale, the_min) where the_min is -min as in C."""
-    mn = x[0]
-    mx = x[0]
-    sum_w = weights[0]
-    sum_x = sum_w * x[0]
-    for i in range(1, n):
-        if x[i] < mn:
-            mn = x[i]
-        if x[i] > mx:
-            mx = x[i]
-        w = weights[i]
-        sum_w = sum_w + w
-        sum_x = sum_x + w * x[i]
-    if mn > _ZERO:
-        mn = _ZERO
-    if mx <= mn:
-        for i in range(n):
-            L[i] = 0
-        return _ZERO, -mn
-    nmaxf = np.float32(nmax)
-    iscale = nmaxf / (mx - mn)
-    scale = _ONE / iscale
-    best_mad = _ZERO
-    for i in range(n):
-        l = _nearest_int(iscale * (x[i] - mn), fbuf, ibuf)
-        l = max(0, min(nmax, l))
-        L[i] = l
-        diff = scale * np.float32(l) + mn - x[i]
-        diff = diff * diff
-        best_mad = best_mad + weights[i] * diff
-    for step in range(37):
-        iscale = (_RMIN + _RDELTA * np.float32(step) + nmaxf) / (mx - mn)
-        sum_l = _ZERO
-        sum_l2 = _ZERO
-        sum_xl = _ZERO
-        for i in range(n):
-            l = _nearest_int(iscale * (x[i] - mn), fbuf, ibuf)
-            l = max(0, min(nmax, l))
-            Laux[i] = l
-            fl = np.float32(l)
-            w = weights[i]
-            sum_l = sum_l + w * fl
-            sum_l2 = sum_l2 + w * fl * fl
-            sum_xl = sum_xl + w * fl * x[i]
-        D = sum_w * sum_l2 - sum_l * sum_l
-        if D > _ZERO:
-            this_scale = (sum_w * sum_xl - sum_x * sum_l) / D
-            this_min = (sum_l2 * sum_x - sum_l * sum_xl) / D
-            if this_min > _ZERO:
-                this_min = _ZERO
-                this_scale = sum_xl / sum_l2
-            mad = _ZERO
-            for i in range(n):
-                diff = this_scale * np.float32(Laux[i]) + this_min - x[i]
-                diff = diff * diff
-                mad = mad + weights[i] * diff
-            if mad < best_mad:
-                for i in range(n):
-                    L[i] = Laux[i]
-                best_mad = mad
-                scale = this_scale
-                mn = this_min
-    return scale, -mn
 
 
 @njit(cache=True, error_model="numpy")
@@ -240,7 +171,7 @@ def _legacy_rows(X, QW, OUT, nmax, with_min, block_bytes):  # pragma: no cover -
                 weight[j] = QW[32 * ib + j] * np.sqrt(sigma2 + xb[j] * xb[j])
             o = block_bytes * ib
             if with_min:
-                d, the_min = _make_qkx3_quants(32, 2 * nmax - 1, xb, weight, L, Laux, fbuf, ibuf)
+                d, the_min = _make_qkx_quants(32, 2 * nmax - 1, xb, weight, L, Laux, _RMIN, _RDELTA, 36, fbuf, ibuf)
                 _put_fp16(OUT[r], o, _fp16_round(d))
                 _put_fp16(OUT[r], o + 2, _fp16_round(-the_min))
                 o += 4
@@ -294,7 +225,7 @@ def _qkx_superblock(x, qw, nmax, clamp63, L, sc, Laux, weights, scales, mins, sw
         for i in range(32):
             sumw = sumw + weights[i]
         sw[j] = sumw
-        s, m = _make_qkx3_quants(32, nmax, x[32 * j : 32 * j + 32], weights, L[32 * j : 32 * j + 32], Laux, fbuf, ibuf)
+        s, m = _make_qkx_quants(32, nmax, x[32 * j : 32 * j + 32], weights, L[32 * j : 32 * j + 32], Laux, _RMIN, _RDELTA, 36, fbuf, ibuf)
         scales[j] = s
         mins[j] = m
     d_block = _fp16_round(_make_qp_quants(8, 63, scales, Ls, sw, fbuf, ibuf))
