@@ -54,6 +54,22 @@ def error_line(log: str) -> str:
     return lines[-1]
 
 
+def copy_with_bad_value(
+    src: Path, dst: Path, tensor_suffix: str, index: tuple[int, ...], value: float
+) -> tuple[Path, str]:
+    """Copy the model folder ``src`` to ``dst`` with one element of the tensor ending in
+    ``tensor_suffix`` set to ``value`` (NaN/Inf); returns the copy and the tensor's name."""
+    from safetensors.numpy import load_file, save_file
+
+    model = shutil.copytree(src, dst)
+    tensors = load_file(model / "model.safetensors")
+    name = next(n for n in sorted(tensors) if n.endswith(tensor_suffix))
+    tensors[name] = tensors[name].copy()
+    tensors[name][index] = value
+    save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
+    return model, name
+
+
 @pytest.fixture
 def eval_text(tmp_path: Path) -> Path:
     from lora2gguf.demo.dataset import render_text
@@ -90,14 +106,7 @@ def test_nan_in_base_weights(
     tmp_path: Path, tiny_base: Path, tiny_run: Path, eval_text: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """A NaN in the base (not the adapter): the merge must not hand over a model that computes NaN."""
-    from safetensors.numpy import load_file, save_file
-
-    base = shutil.copytree(tiny_base, tmp_path / "base")
-    tensors = load_file(base / "model.safetensors")
-    name = next(n for n in sorted(tensors) if n.endswith("layers.0.mlp.up_proj.weight"))
-    tensors[name] = tensors[name].copy()
-    tensors[name][3, 5] = float("nan")
-    save_file(tensors, base / "model.safetensors", metadata={"format": "pt"})
+    base, _ = copy_with_bad_value(tiny_base, tmp_path / "base", "layers.0.mlp.up_proj.weight", (3, 5), float("nan"))
     out, report = tmp_path / "models" / "m-merged", tmp_path / "results" / "merge_report.json"
     status, log = run_cli(capsys, *merge_argv(base, tiny_run, out, report, eval_text))
     assert status == 2
@@ -108,14 +117,9 @@ def test_nan_in_base_weights(
 
 def test_inf_in_model_given_to_convert(tmp_path: Path, tiny_base: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """An Inf in a folder given straight to `convert` (no merge before it to catch it)."""
-    from safetensors.numpy import load_file, save_file
-
-    model = shutil.copytree(tiny_base, tmp_path / "model")
-    tensors = load_file(model / "model.safetensors")
-    name = next(n for n in sorted(tensors) if n.endswith("layers.0.self_attn.q_proj.weight"))
-    tensors[name] = tensors[name].copy()
-    tensors[name][0, 0] = float("inf")
-    save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
+    model, name = copy_with_bad_value(
+        tiny_base, tmp_path / "model", "layers.0.self_attn.q_proj.weight", (0, 0), float("inf")
+    )
     out = tmp_path / "gguf" / "model.gguf"
     status, log = run_cli(capsys, "convert", str(model), str(out), "--no-progress")
     assert status == 2

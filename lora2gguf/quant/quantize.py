@@ -164,7 +164,7 @@ def _match_imatrix(path: Path, plan: Plan, imatrix: Imatrix) -> tuple[dict[str, 
             missing.append(c.name)
             continue
         n_per_row = c.shape[0]
-        n_mat = int(np.prod(c.shape[2:])) if len(c.shape) > 2 else 1
+        n_mat = int(np.prod(c.shape[2:]))  # 1 for a 2-D weight
         values = entry.importance()
         if values.size != n_per_row * n_mat:
             if c.name.startswith("token_embd."):
