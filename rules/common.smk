@@ -136,14 +136,18 @@ def calibration_max_tokens_arg():
     return "" if max_tokens is None else f"--max-tokens {max_tokens}"
 
 
-def imatrix_outputs(wildcards):
+def imatrix_targets(model):
     """The importance matrix and its report, when some quantization uses them."""
     if not uses_imatrix():
         return []
     return [
-        f"models/{wildcards.model}-merged-gguf/imatrix.gguf",
-        f"results/{wildcards.model}/imatrix.json",
+        f"models/{model}-merged-gguf/imatrix.gguf",
+        f"results/{model}/imatrix.json",
     ]
+
+
+def imatrix_outputs(wildcards):
+    return imatrix_targets(wildcards.model)
 
 
 def calibration_input_arg(wildcards):
@@ -170,11 +174,7 @@ def model_targets(model):
         f"results/{model}/merge_report.json",
         f"{gguf_dir}/model.gguf",
         *(f"{gguf_dir}/model-{q}.gguf" for q in quant_tags()),
-        *(
-            [f"{gguf_dir}/imatrix.gguf", f"results/{model}/imatrix.json"]
-            if uses_imatrix()
-            else []
-        ),
+        *imatrix_targets(model),
         f"results/{model}/merged_model_test.json",
         f"results/{model}/compare_models.json",
         *(f"results/plots/{model}-{kind}.png" for kind in COMPARISON_PLOTS),
