@@ -70,9 +70,9 @@ def main() -> int:
     model, tokenizer = reference.load(args.model, "cpu", torch.float32)
     ids = reference.text_ids(tokenizer, args.eval_text.read_text(encoding="utf-8"), args.max_eval_tokens)
     windows = metrics.windows(ids, args.context)
-    ref = {"logits": [reference.logits(model, w) for w in windows], "vocab": None}
-    ref["vocab"] = int(ref["logits"][0].shape[1])
-    ref_nll = [x for w, lg in zip(windows, ref["logits"]) for x in metrics.window_nll(lg, w)]
+    ref_logits = [reference.logits(model, w) for w in windows]
+    ref = {"logits": ref_logits, "vocab": int(ref_logits[0].shape[1])}
+    ref_nll = [x for w, lg in zip(windows, ref_logits) for x in metrics.window_nll(lg, w)]
     calibration = args.calibration.read_text(encoding="utf-8")
 
     rows: list[dict[str, Any]] = []

@@ -199,3 +199,29 @@ def test_missing_config_path_is_named(
     assert result.returncode != 0
     assert f"{key}: path '{missing}' does not exist" in result.stdout + result.stderr, result.stderr[-3000:]
     assert not (tmp_path / "results").exists() and not (tmp_path / "models").exists()
+
+
+@pytest.mark.parametrize(
+    ("case", "expected"),
+    [
+        ("missing", "calibration text not found"),
+        ("not-utf8", "not UTF-8 text"),
+        ("too-short", "calibration tokens, fewer than the 16 one pass needs"),
+    ],
+)
+def test_imatrix_cli_refuses_bad_calibration_text(
+    tmp_path: Path, tiny_base: Path, capsys: pytest.CaptureFixture[str], case: str, expected: str
+) -> None:
+    text = tmp_path / "calibration.txt"
+    if case == "not-utf8":
+        text.write_bytes("咨询".encode("gb18030") + b"\xff\xfe counselling")
+    elif case == "too-short":
+        text.write_text("hi", encoding="utf-8")
+    out = tmp_path / "gguf" / "imatrix.gguf"
+    status, log = run_cli(
+        capsys, "imatrix", "--model", str(tiny_base), "--text", str(text), "--out", str(out), "--device", "cpu"
+    )
+    assert status == 2
+    line = error_line(log)
+    assert f"{text}: " in line and expected in line, line
+    assert_nothing_at(out, out.with_suffix(".json"))
