@@ -7,6 +7,7 @@ plot of the project (the candidates plot in lora2gguf.plots uses it too).
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -123,8 +124,6 @@ def plot_size_vs_kl(report: dict[str, Any], model: str, out: Path) -> None:
     floor = min(positive) / 10 if positive else 1e-12
     xs = [m["size_bytes"] / 2**20 for m in points]
     # label slots on the log axis: compare heights as logarithms
-    import math
-
     slots = _label_slots(xs, [math.log10(max(v, floor)) for v in means])
     for m, mean, x, slot in zip(points, means, xs, slots):
         color, marker = _style(m)
