@@ -52,4 +52,4 @@ bench: install
 	PATH="$(BIN):$$PATH" $(BIN)/python benchmarks/run.py
 
 clean:
-	rm -rf results models logs benchmarks/*/ .snakemake
+	rm -rf results models logs .snakemake

@@ -38,6 +38,6 @@ localrules:
 rule all:
     default_target: True
     input:
-        "results/model_analysis.json",
-        "results/plots/candidates.png",
+        MODEL_ANALYSIS,
+        CANDIDATES_PLOT,
         best_model_targets,

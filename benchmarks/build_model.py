@@ -33,6 +33,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from lora2gguf.artifacts import atomic_dir  # noqa: E402
+from lora2gguf.demo.tiny import ENDOFTEXT, IM_END, IM_START, build_tiny_qwen2  # noqa: E402
+
 logger = logging.getLogger("benchmarks.build_model")
 
 # Qwen2-0.5B's config.json values (architecture only; the weights are random).
@@ -64,8 +67,6 @@ BASE_NAME = "bench/qwen2-0.5b-shaped-random"
 
 def _tokenizer_files(dest: Path) -> dict[str, int]:
     """Write the demo's tiny Qwen2-style tokenizer into ``dest``; return its special token ids."""
-    from lora2gguf.demo.tiny import ENDOFTEXT, IM_END, IM_START, build_tiny_qwen2
-
     with tempfile.TemporaryDirectory() as tmp:
         tiny = build_tiny_qwen2(Path(tmp) / "tiny")
         for name in TOKENIZER_FILES:
@@ -79,8 +80,6 @@ def build_base(out: Path, seed: int = 0, dtype: str = "bfloat16", shape: str = "
     """Random Qwen2-0.5B-shaped model at ``out`` (replaced atomically)."""
     import torch
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
-
-    from lora2gguf.artifacts import atomic_dir
 
     with atomic_dir(out) as tmp:
         ids = _tokenizer_files(tmp)
@@ -130,8 +129,6 @@ def build_run(base: Path, out: Path, seed: int = 0) -> Path:
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
-
-    from lora2gguf.artifacts import atomic_dir
 
     model = AutoModelForCausalLM.from_pretrained(base, local_files_only=True)  # its own dtype (bf16)
     config = LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.0, target_modules=list(LORA_TARGETS),

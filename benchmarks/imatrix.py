@@ -24,8 +24,19 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from lora2gguf import hf  # noqa: E402  (after the checkout is put on the path)
+from lora2gguf.artifacts import sha256_file  # noqa: E402
+from lora2gguf.evaluate import metrics  # noqa: E402
+from lora2gguf.evaluate.compare import score_gguf  # noqa: E402
+from lora2gguf.formats.imatrix import Imatrix, ImatrixEntry, write_imatrix  # noqa: E402
+from lora2gguf.imatrix.collect import collect  # noqa: E402
+from lora2gguf.provenance import device_info, package_versions  # noqa: E402
+from lora2gguf.quantize.quantize import QuantizeOptions, quantize_gguf  # noqa: E402
 
 logger = logging.getLogger("benchmarks.imatrix")
 
@@ -55,22 +66,13 @@ def main() -> int:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    import numpy as np
     import torch
 
-    from lora2gguf.artifacts import sha256_file
-    from lora2gguf.evaluate import metrics, reference
-    from lora2gguf.evaluate.compare import score_gguf
-    from lora2gguf.imatrix.collect import collect
-    from lora2gguf.imatrix.fileformat import Imatrix, ImatrixEntry, write_imatrix
-    from lora2gguf.provenance import device_info, package_versions
-    from lora2gguf.quant.quantize import QuantizeOptions, quantize_gguf
-
     torch.set_num_threads(args.threads)
-    model, tokenizer = reference.load(args.model, "cpu", torch.float32)
-    ids = reference.text_ids(tokenizer, args.eval_text.read_text(encoding="utf-8"), args.max_eval_tokens)
+    model, tokenizer = hf.load(args.model, "cpu", torch.float32)
+    ids = hf.text_ids(tokenizer, args.eval_text.read_text(encoding="utf-8"), args.max_eval_tokens)
     windows = metrics.windows(ids, args.context)
-    ref_logits = [reference.logits(model, w) for w in windows]
+    ref_logits = [hf.logits(model, w) for w in windows]
     ref = {"logits": ref_logits, "vocab": int(ref_logits[0].shape[1])}
     ref_nll = [x for w, lg in zip(windows, ref_logits) for x in metrics.window_nll(lg, w)]
     calibration = args.calibration.read_text(encoding="utf-8")

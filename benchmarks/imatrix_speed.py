@@ -31,6 +31,13 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from run import _lora2gguf, _sha256, _summary, ensure_inputs, measure  # noqa: E402  (benchmarks/run.py)
+
+from lora2gguf.demo.dataset import render_text  # noqa: E402
+from lora2gguf.formats.imatrix import read_imatrix  # noqa: E402
+from lora2gguf.provenance import device_info, package_versions  # noqa: E402
 
 logger = logging.getLogger("benchmarks.imatrix_speed")
 
@@ -48,12 +55,6 @@ def main() -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.tokens % args.chunk_size:
         parser.error("--tokens must be a multiple of --chunk-size (llama-imatrix uses whole chunks)")
-
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from run import _lora2gguf, _sha256, _summary, ensure_inputs, measure  # benchmarks/run.py
-    from lora2gguf.demo.dataset import render_text
-    from lora2gguf.imatrix.fileformat import read_imatrix
-    from lora2gguf.provenance import device_info, package_versions
 
     work = args.work
     work.mkdir(parents=True, exist_ok=True)

@@ -27,7 +27,12 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+# lora2gguf from this checkout; llama_oracle (llama.cpp through ctypes) lives with the tests
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+from llama_oracle import make_f16_fixture, smollm2_q4_1_path  # noqa: E402
+from lora2gguf.artifacts import write_json  # noqa: E402
+from lora2gguf.provenance import device_info, package_versions  # noqa: E402
 
 logger = logging.getLogger("benchmarks.quantize")
 
@@ -39,7 +44,7 @@ threads = int(threads)
 # Peak RSS is sampled inside the call (ru_maxrss would include the parent's RSS at fork).
 if impl == "llama.cpp":
     import llama_cpp  # imported before the clock starts, like our modules below
-    from lora2gguf.quant.reference import llama_quantize_file
+    from llama_oracle import llama_quantize_file
     with PeakMemory() as mem:
         t0 = time.perf_counter()
         llama_quantize_file(src, dst, ftype, threads=threads)  # ctypes releases the GIL: the sampler runs
@@ -47,8 +52,8 @@ if impl == "llama.cpp":
     core = total
 else:
     import numpy, gguf
-    from lora2gguf.quant.quantize import QuantizeOptions, quantize_gguf
-    from lora2gguf.quant import kquants  # noqa: F401
+    from lora2gguf.quantize.quantize import QuantizeOptions, quantize_gguf
+    from lora2gguf.quantize import kquants  # noqa: F401
     with PeakMemory() as mem:
         t0 = time.perf_counter()
         report = quantize_gguf(src, dst, QuantizeOptions(ftype, threads=threads))
@@ -60,7 +65,8 @@ print("RESULT " + json.dumps({"total_s": total, "core_s": core, "peak_rss_mb": m
 
 
 def _run_child(impl: str, src: Path, dst: Path, ftype: str, threads: int) -> dict[str, float]:
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    pythonpath = os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])
+    env = dict(os.environ, PYTHONPATH=pythonpath)
     done = subprocess.run(
         [sys.executable, "-c", _CHILD, impl, str(src), str(dst), ftype, str(threads)],
         capture_output=True,
@@ -75,8 +81,6 @@ def _run_child(impl: str, src: Path, dst: Path, ftype: str, threads: int) -> dic
 
 
 def _default_input(cache: Path) -> Path:
-    from lora2gguf.quant.reference import make_f16_fixture, smollm2_q4_1_path
-
     path = cache / "smollm2-135m-f16.gguf"
     if not path.exists():
         src = smollm2_q4_1_path()
@@ -101,9 +105,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="write the figures as JSON here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-
-    from lora2gguf.provenance import device_info, package_versions
-
     args.cache.mkdir(parents=True, exist_ok=True)
     src = args.input or _default_input(args.cache)
     rows: list[dict[str, Any]] = []
@@ -156,8 +157,6 @@ def main(argv: list[str] | None = None) -> int:
         )
     print("\n".join(lines))
     if args.out:
-        from lora2gguf.artifacts import write_json
-
         write_json(
             args.out,
             {

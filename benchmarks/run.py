@@ -45,6 +45,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from lora2gguf.artifacts import read_json, write_json  # noqa: E402
+from lora2gguf.formats.gguf import read_gguf  # noqa: E402
+from lora2gguf.provenance import device_info, package_versions  # noqa: E402
+
 logger = logging.getLogger("benchmarks.run")
 
 DEFAULT_TYPES = ("Q4_K_M", "Q5_K_M", "Q8_0", "Q4_0")
@@ -69,10 +73,11 @@ def _load_module(name: str, path: Path) -> Any:
 
 
 def _env() -> dict[str, str]:
-    # Children import lora2gguf from this checkout and never reach the Hugging Face hub.
+    # Children import lora2gguf from this checkout (and llama_oracle from tests/) and never reach
+    # the Hugging Face hub.
     return dict(
         os.environ,
-        PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),
         HF_HUB_OFFLINE="1",
         TOKENIZERS_PARALLELISM="false",
     )
@@ -140,8 +145,6 @@ def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
 
 def compare_gguf(ours: Path, theirs: Path) -> dict[str, Any]:
     """Same tensors (names, order, shapes, types, bytes) and which metadata keys differ."""
-    from lora2gguf.quant.gguf_io import read_gguf
-
     ours, theirs = Path(ours), Path(theirs)
     a, b = read_gguf(ours), read_gguf(theirs)
     same_layout = [(t.name, t.shape, t.type_name) for t in a.tensors] == [(t.name, t.shape, t.type_name) for t in b.tensors]
@@ -489,16 +492,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
 
     if args.from_json:
-        from lora2gguf.artifacts import read_json, write_json
-
         res = rescore(read_json(args.from_json))
         print(render_text(res))
         if not args.no_write:
             write_json(args.from_json, res)
             args.from_json.with_suffix(".md").write_text(render_markdown(res), encoding="utf-8")
         return 0
-
-    from lora2gguf.provenance import device_info, package_versions
 
     peers = not args.no_peers
     if peers and importlib.util.find_spec("llama_cpp") is None:
@@ -556,8 +555,6 @@ def main(argv: list[str] | None = None) -> int:
     res["targets"] = evaluate_targets(res)
     print(render_text(res))
     if not args.no_write:
-        from lora2gguf.artifacts import write_json
-
         stem = f"{res['date']}-{args.machine or machine_slug(machine)}"
         write_json(args.results / f"{stem}.json", res)
         (args.results / f"{stem}.md").write_text(render_markdown(res), encoding="utf-8")

@@ -14,21 +14,22 @@ from lora2gguf.errors import Lora2ggufError
 
 logger = logging.getLogger("lora2gguf")
 
-# Subcommand -> module. Each module exposes HELP, add_arguments(parser) and run(args) and keeps
-# heavy imports (torch, transformers) inside run(), so `lora2gguf quantize --help` starts fast.
-COMMANDS: dict[str, str] = {
-    "rank": "lora2gguf.ranking",
-    "merge": "lora2gguf.merge",
-    "convert": "lora2gguf.gguf_convert.cli",
-    "imatrix": "lora2gguf.imatrix.cli",
-    "quantize": "lora2gguf.quant.cli",
-    "test": "lora2gguf.evaluate.generate",
-    "compare": "lora2gguf.evaluate.compare",
-    "plot": "lora2gguf.plots_cli",
-    "manifest": "lora2gguf.manifest",
-    "verify": "lora2gguf.verify",
-    "demo": "lora2gguf.demo.cli",
-}
+# One module per subcommand, lora2gguf/commands/<name>.py, each exposing HELP, add_arguments(parser)
+# and run(args). A command whose optional dependencies are missing is left out of the parser; the
+# steps import torch, transformers and llama_cpp only where they run, so `--help` starts fast.
+COMMANDS: tuple[str, ...] = (
+    "rank",
+    "merge",
+    "convert",
+    "imatrix",
+    "quantize",
+    "test",
+    "compare",
+    "plot",
+    "manifest",
+    "verify",
+    "demo",
+)
 
 
 def _load(module_name: str) -> ModuleType | None:
@@ -49,8 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     parser.add_argument("--log-file", help="also append the log to this file")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, module_name in COMMANDS.items():
-        module = _load(module_name)
+    for name in COMMANDS:
+        module = _load(f"lora2gguf.commands.{name}")
         if module is None:
             continue
         sub = subparsers.add_parser(name, help=module.HELP, description=module.HELP)

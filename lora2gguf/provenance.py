@@ -13,6 +13,9 @@ import time
 from types import TracebackType
 from typing import Any
 
+# Bumped when a report's fields change meaning; every report shares it.
+SCHEMA_VERSION = 1
+
 _PACKAGES = (
     "lora2gguf",
     "torch",
@@ -64,6 +67,19 @@ def device_info(device: str | None = None) -> dict[str, Any]:
         info["gpu"] = torch.cuda.get_device_name(index)
         info["cuda"] = torch.version.cuda
     return info
+
+
+_NO_DEVICE = object()
+
+
+def build_report(kind: str, body: dict[str, Any], device: Any = _NO_DEVICE) -> dict[str, Any]:
+    """The one shape of every JSON report: ``schema`` (``lora2gguf/<kind>/1``) first, then the
+    step's own fields, then ``versions`` and, when the step ran on a device, ``device``."""
+    report: dict[str, Any] = {"schema": f"lora2gguf/{kind}/{SCHEMA_VERSION}", **body}
+    report["versions"] = package_versions()
+    if device is not _NO_DEVICE:
+        report["device"] = device_info(device)
+    return report
 
 
 def _current_rss_mb() -> float:

@@ -2,8 +2,38 @@ import json
 import shlex
 from pathlib import Path
 
-from lora2gguf.quant.types import quant_file_tag, split_quant_tag
-from lora2gguf.ranking import ADAPTER_CONFIG, METRIC_FILES, STATE_FILE
+from lora2gguf.layout import (
+    BENCHMARKS,
+    CANDIDATES_PLOT,
+    COMPARE_REPORT,
+    COMPARISON_PLOT,
+    COMPARISON_PLOTS,
+    DEMO_DATA_INFO,
+    DEMO_DIR,
+    DEMO_EVAL_JSONL,
+    DEMO_EVAL_TEXT,
+    DEMO_RUN,
+    DEMO_SMOLLM2_BASE,
+    DEMO_TINY_BASE,
+    DEMO_TRAIN_JSONL,
+    DEMO_TRAIN_TEXT,
+    F16_GGUF,
+    IMATRIX_GGUF,
+    IMATRIX_REPORT,
+    LOGS,
+    MANIFEST,
+    MERGE_REPORT,
+    MERGED_DIR,
+    MODEL_ANALYSIS,
+    QUANT_GGUF,
+    QUANT_SIDECAR,
+    SIZE_VS_KL,
+    SIZE_VS_PERPLEXITY,
+    SPEED,
+    TEST_REPORT,
+)
+from lora2gguf.quantize.types import quant_file_tag, split_quant_tag
+from lora2gguf.rank import ADAPTER_CONFIG, METRIC_FILES, STATE_FILE
 
 
 def quant_tags():
@@ -26,7 +56,8 @@ wildcard_constraints:
 
 def is_demo_path(path):
     """Paths under resources/demo/ are built by rules/demo.smk when the demo is enabled."""
-    return config["demo"]["enabled"] and Path(path).parts[:2] == ("resources", "demo")
+    demo = Path(DEMO_DIR).parts
+    return config["demo"]["enabled"] and Path(path).parts[: len(demo)] == demo
 
 
 def check_config_paths():
@@ -118,10 +149,9 @@ def quant_type(wildcards):
 
 def quantize_inputs(wildcards):
     """The F16 GGUF, plus the importance matrix for an imatrix quantization (tag *-imat)."""
-    gguf_dir = f"models/{wildcards.model}-merged-gguf"
-    inputs = {"gguf": f"{gguf_dir}/model.gguf"}
+    inputs = {"gguf": F16_GGUF.format(model=wildcards.model)}
     if split_quant_tag(wildcards.q)[1]:
-        inputs["imatrix"] = f"{gguf_dir}/imatrix.gguf"
+        inputs["imatrix"] = IMATRIX_GGUF.format(model=wildcards.model)
     return inputs
 
 
@@ -140,10 +170,7 @@ def imatrix_targets(model):
     """The importance matrix and its report, when some quantization uses them."""
     if not uses_imatrix():
         return []
-    return [
-        f"models/{model}-merged-gguf/imatrix.gguf",
-        f"results/{model}/imatrix.json",
-    ]
+    return [IMATRIX_GGUF.format(model=model), IMATRIX_REPORT.format(model=model)]
 
 
 def imatrix_outputs(wildcards):
@@ -163,22 +190,27 @@ def best_candidate():
         return json.load(handle)["best"]
 
 
-# Per-model comparison plots (rules/plot.smk): results/plots/{model}-{kind}.png
-COMPARISON_PLOTS = ["size-vs-kl", "size-vs-perplexity", "speed"]
+def per_quant(pattern):
+    """``pattern`` once per configured quantization, {model} left for the rule's wildcard."""
+    return expand(pattern, q=quant_tags(), allow_missing=True)
+
+
+def comparison_plot(kind):
+    """The path pattern of one comparison plot, {model} left for the rule's wildcard."""
+    return expand(COMPARISON_PLOT, kind=[kind], allow_missing=True)[0]
 
 
 def model_targets(model):
-    gguf_dir = f"models/{model}-merged-gguf"
     return [
-        f"models/{model}-merged",
-        f"results/{model}/merge_report.json",
-        f"{gguf_dir}/model.gguf",
-        *(f"{gguf_dir}/model-{q}.gguf" for q in quant_tags()),
+        MERGED_DIR.format(model=model),
+        MERGE_REPORT.format(model=model),
+        F16_GGUF.format(model=model),
+        *(QUANT_GGUF.format(model=model, q=q) for q in quant_tags()),
         *imatrix_targets(model),
-        f"results/{model}/merged_model_test.json",
-        f"results/{model}/compare_models.json",
-        *(f"results/plots/{model}-{kind}.png" for kind in COMPARISON_PLOTS),
-        f"results/{model}/manifest.json",
+        TEST_REPORT.format(model=model),
+        COMPARE_REPORT.format(model=model),
+        *(COMPARISON_PLOT.format(model=model, kind=kind) for kind in COMPARISON_PLOTS),
+        MANIFEST.format(model=model),
     ]
 
 

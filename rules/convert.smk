@@ -2,13 +2,13 @@
 # The log ends with the tensor count, file size, time and peak memory of the conversion.
 rule convert_gguf:
     input:
-        model="models/{model}-merged",
+        model=MERGED_DIR,
     output:
-        gguf="models/{model}-merged-gguf/model.gguf",
+        gguf=F16_GGUF,
     log:
-        "logs/convert_gguf/{model}.log",
+        LOGS["convert_gguf"],
     benchmark:
-        "benchmarks/convert_gguf/{model}.tsv"
+        BENCHMARKS["convert_gguf"]
     conda:
         "../envs/gguf.yaml"
     params:

@@ -4,26 +4,27 @@
 
 rule build_demo_data:
     output:
-        train_jsonl="resources/demo/data/train.jsonl",
-        eval_jsonl="resources/demo/data/eval.jsonl",
-        train_txt="resources/demo/data/train.txt",
-        eval_txt="resources/demo/data/eval.txt",
-        info="resources/demo/data/dataset_info.json",
+        train_jsonl=DEMO_TRAIN_JSONL,
+        eval_jsonl=DEMO_EVAL_JSONL,
+        train_txt=DEMO_TRAIN_TEXT,
+        eval_txt=DEMO_EVAL_TEXT,
+        info=DEMO_DATA_INFO,
     log:
-        "logs/build_demo_data.log",
+        LOGS["build_demo_data"],
     conda:
         "../envs/torch.yaml"
+    # layout.DEMO_DATA_DIR written out: Snakemake reruns a job whose shell text changes.
     shell:
         "lora2gguf demo data resources/demo/data > {log} 2>&1"
 
 
 rule build_demo_tiny_base:
     output:
-        directory("resources/demo/bases/tiny-qwen2"),
+        directory(DEMO_TINY_BASE),
     log:
-        "logs/build_demo_tiny_base.log",
+        LOGS["build_demo_tiny_base"],
     benchmark:
-        "benchmarks/build_demo_tiny_base.tsv"
+        BENCHMARKS["build_demo_tiny_base"]
     conda:
         "../envs/torch.yaml"
     shell:
@@ -32,11 +33,11 @@ rule build_demo_tiny_base:
 
 rule build_demo_smollm2_base:
     output:
-        directory("resources/demo/bases/smollm2-135m"),
+        directory(DEMO_SMOLLM2_BASE),
     log:
-        "logs/build_demo_smollm2_base.log",
+        LOGS["build_demo_smollm2_base"],
     benchmark:
-        "benchmarks/build_demo_smollm2_base.tsv"
+        BENCHMARKS["build_demo_smollm2_base"]
     conda:
         "../envs/torch.yaml"
     shell:
@@ -46,14 +47,14 @@ rule build_demo_smollm2_base:
 rule build_demo_lora_run:
     input:
         base=demo_run_base,
-        train="resources/demo/data/train.jsonl",
-        eval="resources/demo/data/eval.jsonl",
+        train=DEMO_TRAIN_JSONL,
+        eval=DEMO_EVAL_JSONL,
     output:
-        directory("resources/demo/runs/{run}"),
+        directory(DEMO_RUN),
     log:
-        "logs/build_demo_lora_run/{run}.log",
+        LOGS["build_demo_lora_run"],
     benchmark:
-        "benchmarks/build_demo_lora_run/{run}.tsv"
+        BENCHMARKS["build_demo_lora_run"]
     conda:
         "../envs/torch.yaml"
     threads: 2

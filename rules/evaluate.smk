@@ -5,18 +5,18 @@
 
 rule test_merged_model:
     input:
-        model="models/{model}-merged",
+        model=MERGED_DIR,
     output:
         report=report(
-            "results/{model}/merged_model_test.json",
+            TEST_REPORT,
             caption="../report/merged_model_test.rst",
             category="Evaluation",
             subcategory="{model}",
         ),
     log:
-        "logs/test_merged_model/{model}.log",
+        LOGS["test_merged_model"],
     benchmark:
-        "benchmarks/test_merged_model/{model}.tsv"
+        BENCHMARKS["test_merged_model"]
     conda:
         "../envs/torch.yaml"
     threads: config["evaluation"]["threads"]
@@ -32,22 +32,22 @@ rule test_merged_model:
 
 rule compare_models:
     input:
-        reference="models/{model}-merged",
-        f16="models/{model}-merged-gguf/model.gguf",
-        quants=expand("models/{{model}}-merged-gguf/model-{q}.gguf", q=quant_tags()),
-        sidecars=expand("models/{{model}}-merged-gguf/model-{q}.json", q=quant_tags()),
+        reference=MERGED_DIR,
+        f16=F16_GGUF,
+        quants=per_quant(QUANT_GGUF),
+        sidecars=per_quant(QUANT_SIDECAR),
         eval_text=config["evaluation"]["text"],
     output:
         report=report(
-            "results/{model}/compare_models.json",
+            COMPARE_REPORT,
             caption="../report/compare_models.rst",
             category="Evaluation",
             subcategory="{model}",
         ),
     log:
-        "logs/compare_models/{model}.log",
+        LOGS["compare_models"],
     benchmark:
-        "benchmarks/compare_models/{model}.tsv"
+        BENCHMARKS["compare_models"]
     conda:
         "../envs/torch.yaml"
     threads: config["evaluation"]["threads"]

@@ -4,20 +4,20 @@
 
 rule compute_imatrix:
     input:
-        model="models/{model}-merged",
+        model=MERGED_DIR,
         text=config.get("calibration", {}).get("text", []),
     output:
-        imatrix="models/{model}-merged-gguf/imatrix.gguf",
+        imatrix=IMATRIX_GGUF,
         report=report(
-            "results/{model}/imatrix.json",
+            IMATRIX_REPORT,
             caption="../report/imatrix.rst",
             category="Quantization",
             subcategory="{model}",
         ),
     log:
-        "logs/compute_imatrix/{model}.log",
+        LOGS["compute_imatrix"],
     benchmark:
-        "benchmarks/compute_imatrix/{model}.tsv"
+        BENCHMARKS["compute_imatrix"]
     conda:
         "../envs/torch.yaml"
     threads: config.get("calibration", {}).get("threads", 1)

@@ -8,20 +8,20 @@ rule write_manifest:
         base=base_inputs,
         run=run_inputs,
         eval_text=config["evaluation"]["text"],
-        ranking="results/model_analysis.json",
-        merged="models/{model}-merged",
-        merge_report="results/{model}/merge_report.json",
-        f16="models/{model}-merged-gguf/model.gguf",
-        quants=expand("models/{{model}}-merged-gguf/model-{q}.gguf", q=quant_tags()),
-        sidecars=expand("models/{{model}}-merged-gguf/model-{q}.json", q=quant_tags()),
+        ranking=MODEL_ANALYSIS,
+        merged=MERGED_DIR,
+        merge_report=MERGE_REPORT,
+        f16=F16_GGUF,
+        quants=per_quant(QUANT_GGUF),
+        sidecars=per_quant(QUANT_SIDECAR),
         imatrix=imatrix_outputs,
-        test="results/{model}/merged_model_test.json",
-        compare="results/{model}/compare_models.json",
-        plots=expand("results/plots/{{model}}-{kind}.png", kind=COMPARISON_PLOTS),
+        test=TEST_REPORT,
+        compare=COMPARE_REPORT,
+        plots=[comparison_plot(kind) for kind in COMPARISON_PLOTS],
     output:
-        manifest="results/{model}/manifest.json",
+        manifest=MANIFEST,
     log:
-        "logs/write_manifest/{model}.log",
+        LOGS["write_manifest"],
     conda:
         "../envs/report.yaml"
     params:

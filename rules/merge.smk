@@ -7,12 +7,12 @@ rule merge_adapter:
         run=run_inputs,
         eval_text=config["evaluation"]["text"],
     output:
-        model=directory("models/{model}-merged"),
-        report="results/{model}/merge_report.json",
+        model=directory(MERGED_DIR),
+        report=MERGE_REPORT,
     log:
-        "logs/merge_adapter/{model}.log",
+        LOGS["merge_adapter"],
     benchmark:
-        "benchmarks/merge_adapter/{model}.tsv"
+        BENCHMARKS["merge_adapter"]
     conda:
         "../envs/torch.yaml"
     threads: 2

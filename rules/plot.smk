@@ -3,28 +3,28 @@
 
 rule plot_comparison:
     input:
-        compare="results/{model}/compare_models.json",
+        compare=COMPARE_REPORT,
     output:
         kl=report(
-            "results/plots/{model}-size-vs-kl.png",
+            comparison_plot(SIZE_VS_KL),
             caption="../report/size_vs_kl.rst",
             category="Comparison",
             subcategory="{model}",
         ),
         ppl=report(
-            "results/plots/{model}-size-vs-perplexity.png",
+            comparison_plot(SIZE_VS_PERPLEXITY),
             caption="../report/size_vs_perplexity.rst",
             category="Comparison",
             subcategory="{model}",
         ),
         speed=report(
-            "results/plots/{model}-speed.png",
+            comparison_plot(SPEED),
             caption="../report/speed.rst",
             category="Comparison",
             subcategory="{model}",
         ),
     log:
-        "logs/plot_comparison/{model}.log",
+        LOGS["plot_comparison"],
     conda:
         "../envs/report.yaml"
     shell:

@@ -6,12 +6,12 @@ rule quantize_gguf:
     input:
         unpack(quantize_inputs),
     output:
-        gguf="models/{model}-merged-gguf/model-{q}.gguf",
-        sidecar="models/{model}-merged-gguf/model-{q}.json",
+        gguf=QUANT_GGUF,
+        sidecar=QUANT_SIDECAR,
     log:
-        "logs/quantize_gguf/{model}-{q}.log",
+        LOGS["quantize_gguf"],
     benchmark:
-        "benchmarks/quantize_gguf/{model}-{q}.tsv"
+        BENCHMARKS["quantize_gguf"]
     conda:
         "../envs/gguf.yaml"
     threads: config["quantize"]["threads"]

@@ -2,9 +2,9 @@ checkpoint rank_candidates:
     input:
         rank_inputs,
     output:
-        analysis="results/model_analysis.json",
+        analysis=MODEL_ANALYSIS,
     log:
-        "logs/rank_candidates.log",
+        LOGS["rank_candidates"],
     conda:
         "../envs/report.yaml"
     params:
@@ -18,15 +18,15 @@ checkpoint rank_candidates:
 
 rule plot_candidates:
     input:
-        analysis="results/model_analysis.json",
+        analysis=MODEL_ANALYSIS,
     output:
         report(
-            "results/plots/candidates.png",
+            CANDIDATES_PLOT,
             caption="../report/candidates.rst",
             category="Ranking",
         ),
     log:
-        "logs/plot_candidates.log",
+        LOGS["plot_candidates"],
     conda:
         "../envs/report.yaml"
     shell:

@@ -2,7 +2,7 @@
 
 Written from the formulas of ggml-quants.c's ``quantize_row_{q4_0,q4_1,q5_0,q5_1,q4_K,q5_K,q6_K}_impl`` with numpy
 float32 scalars (each operation rounded to float32, in the C order), independently of the numba
-kernels in lora2gguf.quant._weighted_numba, so the tests can check those on a few blocks even
+kernels in lora2gguf.quantize._weighted_numba, so the tests can check those on a few blocks even
 where llama.cpp is not installed.  Each function returns the bytes of one row.
 """
 

@@ -2,7 +2,7 @@
 
 Written loop by loop from the C algorithm with numpy float32 scalars (every
 operation rounded to float32, in the C order).  It is independent of the
-vectorised implementation in lora2gguf.quant.kquants and lets the tests check
+vectorised implementation in lora2gguf.quantize.kquants and lets the tests check
 it on a few blocks even where llama.cpp is not installed.
 """
 

@@ -12,22 +12,22 @@ from typing import Any
 import pytest
 import yaml
 
+from lora2gguf.demo.dataset import render_text
+from lora2gguf.demo.tiny import build_tiny_qwen2
+from lora2gguf.demo.train import train_lora
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from lora2gguf.demo.tiny import build_tiny_qwen2
-
     return build_tiny_qwen2(tmp_path_factory.mktemp("bases") / "tiny-qwen2", seed=0)
 
 
 @pytest.fixture(scope="session")
 def tiny_runs(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path) -> dict[str, Path]:
     """Two real (very short) LoRA trainings on the tiny base, in LLaMA-Factory's layout."""
-    from lora2gguf.demo.train import train_lora
-
     root = tmp_path_factory.mktemp("runs")
     runs = {}
     for name, r, lr in (("tiny-a", 4, 5e-3), ("tiny-b", 8, 1e-3)):
@@ -46,8 +46,6 @@ def tiny_config(tiny_base: Path, tiny_runs: dict[str, Path], workdir: Path, **ov
     config["candidates"] = {name: {"base": str(tiny_base), "run": str(run)} for name, run in tiny_runs.items()}
     config["demo"] = {"enabled": False}
     eval_text = workdir / "eval.txt"
-    from lora2gguf.demo.dataset import render_text
-
     eval_text.write_text(render_text("eval"), encoding="utf-8")
     config["evaluation"].update(text=str(eval_text), max_tokens=64, context=128)
     train_text = workdir / "train.txt"

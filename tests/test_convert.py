@@ -27,6 +27,9 @@ from typing import Any
 import numpy as np
 import pytest
 
+from lora2gguf.convert import convert as convert_module
+from lora2gguf.convert.convert import convert
+from lora2gguf.demo.dataset import SPLITS, load_dataset_split, render_text
 from lora2gguf.errors import Lora2ggufError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,8 +68,6 @@ def build_tiny_llama(out_dir: Path, seed: int = 0) -> Path:
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import LlamaConfig, LlamaForCausalLM
-
-    from lora2gguf.demo.dataset import SPLITS, load_dataset_split
 
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     corpus = [turn["value"] for split in SPLITS for rec in load_dataset_split(split) for turn in rec["conversations"]]
@@ -188,8 +189,6 @@ def model_dir_of(request: pytest.FixtureRequest):
 @pytest.fixture(scope="session")
 def converted(tmp_path_factory: pytest.TempPathFactory, model_dir_of) -> Any:
     """Our conversion of (model, outtype), made once per session."""
-    from lora2gguf.gguf_convert.convert import convert
-
     cache: dict[tuple[str, str], Path] = {}
     root = tmp_path_factory.mktemp("ours")
 
@@ -230,8 +229,6 @@ def test_cli_help_documents_options() -> None:
 
 
 def test_qwen_metadata(tmp_path: Path, qwen_dir: Path) -> None:
-    from lora2gguf.gguf_convert.convert import convert
-
     out = tmp_path / "model.gguf"
     summary = convert(qwen_dir, out, "f16", base_model="tiny-qwen2", adapter="counsel-r8", name="tiny-counsel", progress=False)
     config = json.loads((qwen_dir / "config.json").read_text())
@@ -303,8 +300,6 @@ def test_llama_metadata_and_untied_head(converted, llama_dir: Path) -> None:
 
 
 def test_merges_in_both_forms_give_same_file(tmp_path: Path, qwen_dir: Path) -> None:
-    from lora2gguf.gguf_convert.convert import convert
-
     outs = []
     for form in ("pairs", "strings"):
         src = _copy_model(qwen_dir, tmp_path / form)
@@ -321,8 +316,6 @@ def test_merges_in_both_forms_give_same_file(tmp_path: Path, qwen_dir: Path) -> 
 
 
 def test_output_is_deterministic(tmp_path: Path, qwen_dir: Path, converted) -> None:
-    from lora2gguf.gguf_convert.convert import convert
-
     again = tmp_path / "again.gguf"
     convert(qwen_dir, again, "q8_0", progress=False)
     assert again.read_bytes() == converted("qwen", "q8_0").read_bytes()
@@ -385,8 +378,6 @@ def _leftovers(folder: Path) -> list[str]:
 
 
 def test_f16_overflow_names_tensor_and_suggests_bf16(tmp_path: Path, qwen_dir: Path) -> None:
-    from lora2gguf.gguf_convert.convert import convert
-
     src = _copy_model(qwen_dir, tmp_path / "big")
 
     def poison(t: dict[str, np.ndarray]) -> None:
@@ -408,8 +399,6 @@ def test_f16_overflow_names_tensor_and_suggests_bf16(tmp_path: Path, qwen_dir: P
 
 
 def test_unsupported_architecture_is_named(tmp_path: Path, qwen_dir: Path) -> None:
-    from lora2gguf.gguf_convert.convert import convert
-
     src = _copy_model(qwen_dir, tmp_path / "gpt2")
     cfg = json.loads((src / "config.json").read_text())
     cfg["architectures"] = ["GPT2LMHeadModel"]
@@ -420,8 +409,6 @@ def test_unsupported_architecture_is_named(tmp_path: Path, qwen_dir: Path) -> No
 
 
 def test_vocab_size_mismatch_is_reported(tmp_path: Path, qwen_dir: Path) -> None:
-    from lora2gguf.gguf_convert.convert import convert
-
     src = _copy_model(qwen_dir, tmp_path / "resized")
     cfg = json.loads((src / "config.json").read_text())
     cfg["vocab_size"] += 64
@@ -431,8 +418,6 @@ def test_vocab_size_mismatch_is_reported(tmp_path: Path, qwen_dir: Path) -> None
 
 
 def test_pickle_only_folder_is_refused(tmp_path: Path, qwen_dir: Path) -> None:
-    from lora2gguf.gguf_convert.convert import convert
-
     src = _copy_model(qwen_dir, tmp_path / "pickle")
     (src / "model.safetensors").rename(src / "pytorch_model.bin")
     with pytest.raises(Lora2ggufError, match=r"pytorch_model\.bin.*safetensors"):
@@ -440,8 +425,6 @@ def test_pickle_only_folder_is_refused(tmp_path: Path, qwen_dir: Path) -> None:
 
 
 def test_tied_head_copy_is_dropped_but_a_diverged_head_is_refused(tmp_path: Path, qwen_dir: Path, converted) -> None:
-    from lora2gguf.gguf_convert.convert import convert
-
     copy = _copy_model(qwen_dir, tmp_path / "copy")
     _rewrite_tensors(copy, lambda t: t.__setitem__("lm_head.weight", t["model.embed_tokens.weight"].copy()))
     out = tmp_path / "copy.gguf"
@@ -505,8 +488,6 @@ def test_peak_memory_stays_near_largest_tensor(tmp_path: Path, qwen_dir: Path) -
 def test_row_block_conversion_gives_same_bytes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, converted,
                                                model_dir_of, key: str, outtype: str) -> None:
     """Large tensors are converted in row blocks; force tiny blocks and compare with whole tensors."""
-    from lora2gguf.gguf_convert import convert as convert_module
-
     monkeypatch.setattr(convert_module, "_CHUNK_BYTES", 3000)
     out = tmp_path / "blocks.gguf"
     convert_module.convert(model_dir_of(key), out, outtype, progress=False)
@@ -590,8 +571,6 @@ def test_tokenization_parity_with_hf(llama_cpp, converted, model_dir_of, key: st
 
 def _eval_ids(model_dir: Path, n: int) -> list[int]:
     from transformers import AutoTokenizer
-
-    from lora2gguf.demo.dataset import render_text
 
     ids = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)(render_text("eval"))["input_ids"]
     assert len(ids) >= n
@@ -756,8 +735,6 @@ def test_same_as_llama_cpp_converter(reference_outputs, converted, key: str, out
 
 
 def test_provenance_flags_change_only_general_keys(tmp_path: Path, qwen_dir: Path, converted) -> None:
-    from lora2gguf.gguf_convert.convert import convert
-
     out = tmp_path / "named.gguf"
     convert(qwen_dir, out, "f16", base_model="Qwen2-0.5B", adapter="counsel-r8", name="counsel", progress=False)
     named, named_t = read_gguf(out)

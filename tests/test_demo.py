@@ -9,6 +9,12 @@ from pathlib import Path
 import pytest
 
 from lora2gguf.artifacts import sha256_tree
+from lora2gguf.cli import main
+from lora2gguf.demo import smollm2
+from lora2gguf.demo.dataset import load_dataset_split, read_jsonl, render_text
+from lora2gguf.demo.smollm2 import extract_smollm2, find_smollm2_gguf
+from lora2gguf.demo.tiny import QWEN2_SPLIT_REGEX, SPECIAL_TOKENS, build_tiny_qwen2
+from lora2gguf.demo.train import IGNORE_INDEX, encode_dialogue, train_lora
 from lora2gguf.errors import Lora2ggufError
 
 LLAMA_FACTORY_FILES = (
@@ -27,8 +33,6 @@ LLAMA_FACTORY_FILES = (
 
 
 def test_dataset_splits_are_fixed_disjoint_and_bilingual() -> None:
-    from lora2gguf.demo.dataset import load_dataset_split
-
     train, held_out = load_dataset_split("train"), load_dataset_split("eval")
     train_ids, eval_ids = {r["id"] for r in train}, {r["id"] for r in held_out}
     assert len(train_ids) == len(train) and len(eval_ids) == len(held_out)
@@ -47,16 +51,12 @@ def test_dataset_splits_are_fixed_disjoint_and_bilingual() -> None:
 
 
 def test_render_text_contains_both_languages() -> None:
-    from lora2gguf.demo.dataset import render_text
-
     text = render_text("eval")
     assert text.endswith("\n") and "<|im_start|>" not in text
     assert any("\u4e00" <= ch <= "\u9fff" for ch in text) and "sleep" in text
 
 
 def test_malformed_jsonl_names_file_and_line(tmp_path: Path) -> None:
-    from lora2gguf.demo.dataset import read_jsonl
-
     bad = tmp_path / "train.jsonl"
     bad.write_text('{"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}\n{oops\n')
     with pytest.raises(Lora2ggufError, match=r"train\.jsonl:2: not valid JSON"):
@@ -67,8 +67,6 @@ def test_malformed_jsonl_names_file_and_line(tmp_path: Path) -> None:
 
 
 def test_cli_data_writes_all_files(tmp_path: Path) -> None:
-    from lora2gguf.cli import main
-
     out = tmp_path / "data"
     assert main(["demo", "data", str(out)]) == 0
     assert sorted(p.name for p in out.iterdir()) == [
@@ -102,8 +100,6 @@ def test_tiny_base_shapes_and_files(tiny_base: Path) -> None:
 
 
 def test_tiny_base_is_deterministic(tiny_base: Path, tmp_path: Path) -> None:
-    from lora2gguf.demo.tiny import build_tiny_qwen2
-
     again = build_tiny_qwen2(tmp_path / "again", seed=0)
     assert sha256_tree(again) == sha256_tree(tiny_base)
     other = sha256_tree(build_tiny_qwen2(tmp_path / "other", seed=1))
@@ -124,8 +120,6 @@ def test_tiny_base_loads_and_runs(tiny_base: Path) -> None:
 
 def test_tiny_tokenizer_round_trips_and_matches_qwen2(tiny_base: Path) -> None:
     from transformers import AutoTokenizer
-
-    from lora2gguf.demo.tiny import QWEN2_SPLIT_REGEX, SPECIAL_TOKENS
 
     tok = AutoTokenizer.from_pretrained(str(tiny_base), local_files_only=True)
     for text in ("考试前我很紧张，睡不着。", "I can't sleep before exams!", "压力 stress 😊🌙 123\n\n  tabs\tend"):
@@ -148,8 +142,6 @@ def test_tiny_tokenizer_round_trips_and_matches_qwen2(tiny_base: Path) -> None:
 
 def test_encode_dialogue_trains_only_on_assistant_turns(tiny_base: Path) -> None:
     from transformers import AutoTokenizer
-
-    from lora2gguf.demo.train import IGNORE_INDEX, encode_dialogue
 
     tok = AutoTokenizer.from_pretrained(str(tiny_base), local_files_only=True)
     messages = [
@@ -209,9 +201,6 @@ def test_adapter_loads_and_changes_the_model(tiny_base: Path, tiny_run: Path) ->
 
 
 def test_train_lora_is_deterministic_and_cli_matches(tiny_base: Path, tmp_path: Path) -> None:
-    from lora2gguf.cli import main
-    from lora2gguf.demo.train import train_lora
-
     first = train_lora(tiny_base, tmp_path / "a", r=2, alpha=4, lr=1e-2, steps=2, batch_size=2, max_length=48, seed=3)
     second = tmp_path / "b"
     argv = ["demo", "train", "--base", str(tiny_base), "--out", str(second), "--r", "2", "--alpha", "4",
@@ -226,8 +215,6 @@ def test_train_lora_is_deterministic_and_cli_matches(tiny_base: Path, tmp_path: 
 
 
 def test_train_rejects_bad_base_without_leaving_output(tmp_path: Path) -> None:
-    from lora2gguf.cli import main
-
     empty = tmp_path / "empty-base"
     empty.mkdir()
     out = tmp_path / "run"
@@ -236,8 +223,6 @@ def test_train_rejects_bad_base_without_leaving_output(tmp_path: Path) -> None:
 
 
 def test_train_rejects_missing_dataset_split(tiny_base: Path, tmp_path: Path) -> None:
-    from lora2gguf.demo.train import train_lora
-
     (tmp_path / "data").mkdir()
     with pytest.raises(Lora2ggufError, match=r"train\.jsonl: dataset split file not found"):
         train_lora(tiny_base, tmp_path / "run", dataset=tmp_path / "data", steps=1)
@@ -248,8 +233,6 @@ def test_train_rejects_missing_dataset_split(tiny_base: Path, tmp_path: Path) ->
 
 def test_smollm2_missing_package_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None:
     from importlib import metadata
-
-    from lora2gguf.demo import smollm2
 
     def absent(name: str):
         raise metadata.PackageNotFoundError(name)
@@ -264,8 +247,6 @@ def test_smollm2_extraction_matches_the_gguf(tmp_path: Path) -> None:
     """Minutes: dequantizes the 135M model and compares the saved folder's logits with the GGUF load."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from lora2gguf.demo.smollm2 import extract_smollm2, find_smollm2_gguf
 
     try:
         gguf = find_smollm2_gguf()

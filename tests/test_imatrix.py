@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 
 from lora2gguf.errors import Lora2ggufError
-from lora2gguf.imatrix.fileformat import Imatrix, ImatrixEntry, read_imatrix, write_imatrix
-from lora2gguf.quant import blocks
-from lora2gguf.quant.reference import ggml_quantize_rows, llama_cpp_available, llama_quantize_file
-from lora2gguf.quant.types import SUPPORTED, quant_file_tag, split_quant_tag
+from lora2gguf.formats.imatrix import Imatrix, ImatrixEntry, read_imatrix, write_imatrix
+from lora2gguf.quantize import blocks
+from llama_oracle import ggml_quantize_rows, llama_cpp_available, llama_quantize_file
+from lora2gguf.quantize.types import SUPPORTED, quant_file_tag, split_quant_tag
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _imatrix_scalar_ref import ROW_ENCODERS  # noqa: E402
@@ -208,7 +208,7 @@ def test_collected_sums_equal_the_squared_inputs(tiny_imatrix: Path, tiny_base: 
 
 @pytest.fixture(scope="module")
 def tiny_f16(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from lora2gguf.gguf_convert.convert import convert
+    from lora2gguf.convert.convert import convert
 
     out = tmp_path_factory.mktemp("tiny-gguf") / "model.gguf"
     convert(tiny_base, out, "f16", progress=False)
@@ -216,7 +216,7 @@ def tiny_f16(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _quantize(src: Path, dst: Path, ftype: str, **kw: Any) -> dict[str, Any]:
-    from lora2gguf.quant.quantize import QuantizeOptions, quantize_gguf
+    from lora2gguf.quantize.quantize import QuantizeOptions, quantize_gguf
 
     return quantize_gguf(src, dst, QuantizeOptions(ftype, threads=2, **kw))
 
@@ -238,7 +238,7 @@ def test_imatrix_quantization_byte_identical_to_llama_model_quantize(
 
 
 def test_imatrix_recipe_guards_first_ffn_down_layers_for_q4_0() -> None:
-    from lora2gguf.quant.recipe import ModelInfo, TensorSpec, plan_types
+    from lora2gguf.quantize.recipe import ModelInfo, TensorSpec, plan_types
 
     specs = [TensorSpec(f"blk.{i}.ffn_down.weight", [256, 64], "F16") for i in range(16)]
     model = ModelInfo(arch="qwen2", n_layer=16, n_expert=0)

@@ -14,8 +14,9 @@ from conftest import ROOT
 
 from lora2gguf.artifacts import sha256_file
 from lora2gguf.cli import main
-from lora2gguf.manifest import RULE_PATTERNS, SCHEMA, rule_for
-from lora2gguf.verify import verify_manifest
+from lora2gguf.layout import BENCHMARKS, LOGS, RULE_OUTPUTS
+from lora2gguf.manifest.build import RULE_PATTERNS, SCHEMA, rule_for
+from lora2gguf.manifest.verify import verify_manifest
 
 MODEL = "tiny-a"
 
@@ -126,6 +127,7 @@ def test_verify_passes_then_reports_each_change(build: Path, capsys: pytest.Capt
     assert main(["verify", manifest, "--json", "verdict.json"]) == 1
     log = capsys.readouterr().err
     verdict = json.loads(Path("verdict.json").read_text())
+    assert verdict["schema"] == "lora2gguf/verify/1"
     assert verdict["ok"] is False and verdict["checked"] == len(OUTPUTS) + 6
     assert [c["path"] for c in verdict["changed"]] == [
         (inputs / "run/adapter_model.safetensors").as_posix(),
@@ -175,6 +177,8 @@ def test_rule_patterns_name_real_rules() -> None:
     text = "\n".join(p.read_text(encoding="utf-8") for p in (ROOT / "rules").glob("*.smk"))
     defined = set(re.findall(r"^(?:rule|checkpoint)\s+(\w+):", text, flags=re.M))
     assert {rule for _, rule in RULE_PATTERNS} <= defined
+    assert set(RULE_OUTPUTS) <= defined
+    assert set(LOGS) == set(BENCHMARKS) == defined  # every rule's log and benchmark path comes from the layout
     for rel in OUTPUTS:
         assert rule_for(rel) is not None, rel
     assert rule_for("resources/demo/bases/x/model.safetensors") is None

@@ -17,8 +17,12 @@ from typing import Any
 
 import pytest
 
+from lora2gguf.cli import main
 from lora2gguf.errors import Lora2ggufError
-from lora2gguf.merge import merge_adapter, parse_size
+from lora2gguf.formats.safetensors import read_header
+from lora2gguf.merge import verify as merge_verify
+from lora2gguf.merge.merge import MergeOptions, merge_adapter, parse_size
+from lora2gguf.merge.verify import TOLERANCES, check_tolerance, compare_logits
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 EVAL_TEXT = (
@@ -115,11 +119,9 @@ def merged_logits(out: Path, ids: Any) -> Any:
 
 
 def safetensors_names(folder: Path) -> list[str]:
-    from lora2gguf.merge_inputs import read_safetensors_header
-
     names: list[str] = []
     for shard in sorted(folder.glob("*.safetensors")):
-        names += list(read_safetensors_header(shard))
+        names += [entry.name for entry in read_header(shard)]
     return names
 
 
@@ -141,9 +143,10 @@ def plain_merge(
 ) -> tuple[Path, dict]:
     root = tmp_path_factory.mktemp("merged")
     out = root / "tiny-merged"
-    report = merge_adapter(
+    options = MergeOptions(
         tiny_base, plain_adapter, out, report=root / "merge_report.json", eval_text=eval_text, device="cpu"
     )
+    report = merge_adapter(options)
     return out, report
 
 
@@ -230,7 +233,7 @@ def test_tokenizer_and_chat_template_kept(plain_merge: tuple[Path, dict], plain_
 
 def test_tokenizer_falls_back_to_base(tmp_path: Path, tiny_base: Path) -> None:
     adapter = make_adapter(tiny_base, tmp_path / "ad", save_tokenizer=False, targets=["q_proj"])
-    report = merge_adapter(tiny_base, adapter, tmp_path / "out")
+    report = merge_adapter(MergeOptions(tiny_base, adapter, tmp_path / "out"))
     assert report["output"]["tokenizer_source"] == str(tiny_base)
     assert report["verification"]["batch"]["kind"].startswith("pseudo-random")
     assert (tmp_path / "out" / "tokenizer.json").read_bytes() == (tiny_base / "tokenizer.json").read_bytes()
@@ -245,7 +248,7 @@ def test_chat_template_from_base_when_run_tokenizer_lacks_one(tmp_path: Path, ti
     cfg.pop("chat_template", None)
     (adapter / "tokenizer_config.json").write_text(json.dumps(cfg))
     assert AutoTokenizer.from_pretrained(adapter).chat_template is None
-    report = merge_adapter(tiny_base, adapter, tmp_path / "out")
+    report = merge_adapter(MergeOptions(tiny_base, adapter, tmp_path / "out"))
     assert (
         AutoTokenizer.from_pretrained(tmp_path / "out").chat_template
         == AutoTokenizer.from_pretrained(tiny_base).chat_template
@@ -257,7 +260,7 @@ def test_merge_is_byte_identical_across_runs(
     tmp_path: Path, plain_merge: tuple[Path, dict], tiny_base: Path, plain_adapter: Path, eval_text: Path
 ) -> None:
     out, first = plain_merge
-    second = merge_adapter(tiny_base, plain_adapter, tmp_path / "again-merged", eval_text=eval_text)
+    second = merge_adapter(MergeOptions(tiny_base, plain_adapter, tmp_path / "again-merged", eval_text=eval_text))
     assert second["output"]["sha256"] == first["output"]["sha256"]
     meta = first["output"]["weights"]["metadata"]["model.safetensors"]
     assert meta == {"format": "pt"}
@@ -265,14 +268,14 @@ def test_merge_is_byte_identical_across_runs(
 
 def test_sharding_writes_index(tmp_path: Path, tiny_base: Path, plain_adapter: Path) -> None:
     out = tmp_path / "sharded"
-    report = merge_adapter(tiny_base, plain_adapter, out, shard_size="1MB")
+    report = merge_adapter(MergeOptions(tiny_base, plain_adapter, out, shard_size="1MB"))
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) > 1 and report["output"]["weights"]["sharded"]
     assert all((out / s).is_file() for s in shards)
     assert report["verification"]["top1_agreement"] == 1.0  # the sharded folder reloaded and verified
     # A sharded folder is also a valid base (weights found through the index, shapes read from every shard).
-    again = merge_adapter(out, plain_adapter, tmp_path / "from-sharded", shard_size="2GB")
+    again = merge_adapter(MergeOptions(out, plain_adapter, tmp_path / "from-sharded", shard_size="2GB"))
     assert any(p.endswith("model.safetensors.index.json") for p in again["input_sha256"]["base"])
     assert again["base_check"]["name_matches"] is False and again["verification"]["passed"]
 
@@ -298,7 +301,7 @@ def test_different_recorded_base_name_warns(
     cfg["base_model_name_or_path"] = "Qwen/Qwen2.5-0.5B-Instruct"
     (adapter / "adapter_config.json").write_text(json.dumps(cfg))
     with caplog.at_level(logging.WARNING, logger="lora2gguf"):
-        report = merge_adapter(tiny_base, adapter, tmp_path / "out")
+        report = merge_adapter(MergeOptions(tiny_base, adapter, tmp_path / "out"))
     assert "Qwen/Qwen2.5-0.5B-Instruct" in caplog.text
     assert report["base_check"]["name_matches"] is False
     assert report["warnings"] and report["verification"]["passed"]
@@ -325,7 +328,7 @@ def test_mismatched_shapes_fail_naming_tensor(tmp_path: Path, tiny_base: Path) -
     (adapter / "adapter_config.json").write_text(json.dumps(cfg))
     out = tmp_path / "out"
     with pytest.raises(Lora2ggufError) as err:
-        merge_adapter(tiny_base, adapter, out, report=tmp_path / "r.json")
+        merge_adapter(MergeOptions(tiny_base, adapter, out, report=tmp_path / "r.json"))
     msg = str(err.value)
     assert "adapter_model.safetensors" in msg and "lora_" in msg and "shape" in msg
     assert "model.layers.0.mlp.down_proj.weight" in msg or "model.layers.0.self_attn.q_proj.weight" in msg
@@ -345,7 +348,7 @@ def test_modules_to_save_with_added_tokens(tmp_path: Path, tiny_base: Path, eval
     )
     base_rows = json.loads((tiny_base / "config.json").read_text())["vocab_size"]
     out = tmp_path / "out"
-    report = merge_adapter(tiny_base, adapter, out, eval_text=eval_text)
+    report = merge_adapter(MergeOptions(tiny_base, adapter, out, eval_text=eval_text))
     tok = AutoTokenizer.from_pretrained(out)
     cfg = json.loads((out / "config.json").read_text())
     assert len(tok) == base_rows + len(added) == cfg["vocab_size"] == report["output"]["vocab_rows"]
@@ -368,7 +371,7 @@ def test_modules_to_save_with_weight_tying_stays_tied(tmp_path: Path, tiny_base:
         tiny_base, tmp_path / "ad", modules_to_save=["embed_tokens", "lm_head"], ensure_weight_tying=True, seed=4
     )
     out = tmp_path / "out"
-    report = merge_adapter(tiny_base, adapter, out, eval_text=eval_text)
+    report = merge_adapter(MergeOptions(tiny_base, adapter, out, eval_text=eval_text))
     assert report["output"]["tie_word_embeddings"]["output_tied"] is True
     assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is True
     assert "lm_head.weight" not in safetensors_names(out)
@@ -381,7 +384,7 @@ def test_modules_to_save_with_weight_tying_stays_tied(tmp_path: Path, tiny_base:
 def test_adapter_with_saved_embedding_layers(tmp_path: Path, tiny_base: Path) -> None:
     """save_embedding_layers=True stores the (unchanged) embedding matrices too: still a valid adapter."""
     adapter = make_adapter(tiny_base, tmp_path / "ad", targets=["q_proj"], save_embedding_layers=True)
-    report = merge_adapter(tiny_base, adapter, tmp_path / "out")
+    report = merge_adapter(MergeOptions(tiny_base, adapter, tmp_path / "out"))
     assert "model.embed_tokens.weight" in report["adapter"]["full_weight_tensors"]
     assert report["verification"]["top1_agreement"] == 1.0
 
@@ -398,7 +401,7 @@ def test_added_tokens_without_trained_embeddings_fail(tmp_path: Path, tiny_base:
     tok.save_pretrained(adapter)
     out = tmp_path / "out"
     with pytest.raises(Lora2ggufError, match="tokenizer has .* tokens but the merged model only"):
-        merge_adapter(tiny_base, adapter, out)
+        merge_adapter(MergeOptions(tiny_base, adapter, out))
     assert_nothing_written(out)
 
 
@@ -408,7 +411,7 @@ def test_lora_on_tied_embedding_keeps_trained_function(tmp_path: Path, tiny_base
 
     adapter = make_adapter(tiny_base, tmp_path / "ad", targets=["embed_tokens", "q_proj"], seed=11)
     out = tmp_path / "out"
-    report = merge_adapter(tiny_base, adapter, out, eval_text=eval_text)
+    report = merge_adapter(MergeOptions(tiny_base, adapter, out, eval_text=eval_text))
     assert report["output"]["tie_word_embeddings"]["output_tied"] is False
     assert "lm_head.weight" in safetensors_names(out)
     ids = torch.arange(20, 84).reshape(2, 32)
@@ -427,7 +430,7 @@ def test_rslora_and_dora_merge_match(tmp_path: Path, tiny_base: Path, eval_text:
         tiny_base, tmp_path / "ad", r=8, alpha=16, use_rslora=variant == "rslora", use_dora=variant == "dora", seed=7
     )
     out = tmp_path / "out"
-    report = merge_adapter(tiny_base, adapter, out, eval_text=eval_text)
+    report = merge_adapter(MergeOptions(tiny_base, adapter, out, eval_text=eval_text))
     assert report["adapter"]["use_rslora" if variant == "rslora" else "use_dora"] is True
     assert report["verification"]["top1_agreement"] == 1.0
     ids = torch.arange(5, 69).reshape(2, 32)
@@ -446,8 +449,8 @@ def test_rslora_scaling_is_applied(tmp_path: Path, tiny_base: Path) -> None:
     cfg = json.loads((rs / "adapter_config.json").read_text())
     cfg["use_rslora"] = True
     (rs / "adapter_config.json").write_text(json.dumps(cfg))
-    merge_adapter(tiny_base, plain, tmp_path / "m-plain")
-    merge_adapter(tiny_base, rs, tmp_path / "m-rs")
+    merge_adapter(MergeOptions(tiny_base, plain, tmp_path / "m-plain"))
+    merge_adapter(MergeOptions(tiny_base, rs, tmp_path / "m-rs"))
     base_q = load_file(tiny_base / "model.safetensors")["model.layers.0.self_attn.q_proj.weight"]
     d_plain = load_file(tmp_path / "m-plain" / "model.safetensors")["model.layers.0.self_attn.q_proj.weight"] - base_q
     d_rs = load_file(tmp_path / "m-rs" / "model.safetensors")["model.layers.0.self_attn.q_proj.weight"] - base_q
@@ -501,7 +504,7 @@ def test_non_finite_merge_fails_and_writes_nothing(
     adapter = make_adapter(tiny_base, tmp_path / "ad", targets=targets, mutate=mutate)
     out, report = tmp_path / "models" / "bad-merged", tmp_path / "results" / "merge_report.json"
     with pytest.raises(Lora2ggufError, match=message) as err:
-        merge_adapter(tiny_base, adapter, out, report=report, eval_text=eval_text, dtype=dtype)
+        merge_adapter(MergeOptions(tiny_base, adapter, out, report=report, eval_text=eval_text, dtype=dtype))
     assert "adapter_model.safetensors" in str(err.value)
     assert_nothing_written(out, report)
 
@@ -511,9 +514,9 @@ def test_pickle_adapter_refused_unless_allowed(tmp_path: Path, tiny_base: Path) 
     assert (adapter / "adapter_model.bin").is_file() and not (adapter / "adapter_model.safetensors").exists()
     out = tmp_path / "out"
     with pytest.raises(Lora2ggufError, match=r"adapter_model\.bin.*pickle"):
-        merge_adapter(tiny_base, adapter, out)
+        merge_adapter(MergeOptions(tiny_base, adapter, out))
     assert_nothing_written(out)
-    report = merge_adapter(tiny_base, adapter, out, allow_pickle=True)
+    report = merge_adapter(MergeOptions(tiny_base, adapter, out, allow_pickle=True))
     assert report["adapter"]["weights_format"] == "pickle" and report["settings"]["allow_pickle"] is True
 
 
@@ -526,9 +529,9 @@ def test_pickle_base_refused(tmp_path: Path, tiny_base: Path, plain_adapter: Pat
     torch.save(load_file(base / "model.safetensors"), base / "pytorch_model.bin")
     (base / "model.safetensors").unlink()
     with pytest.raises(Lora2ggufError, match=r"pytorch_model\.bin.*refused"):
-        merge_adapter(base, plain_adapter, tmp_path / "out")
+        merge_adapter(MergeOptions(base, plain_adapter, tmp_path / "out"))
     assert_nothing_written(tmp_path / "out")
-    report = merge_adapter(base, plain_adapter, tmp_path / "out", allow_pickle=True)
+    report = merge_adapter(MergeOptions(base, plain_adapter, tmp_path / "out", allow_pickle=True))
     assert report["base_check"]["weights_format"] == "pickle" and report["verification"]["passed"]
     assert (tmp_path / "out" / "model.safetensors").is_file()  # the output is always safetensors
 
@@ -538,7 +541,7 @@ def test_missing_adapter_config(tmp_path: Path, tiny_base: Path, plain_adapter: 
     shutil.copytree(plain_adapter, adapter)
     (adapter / "adapter_config.json").unlink()
     with pytest.raises(Lora2ggufError, match=r"adapter_config\.json: file not found"):
-        merge_adapter(tiny_base, adapter, tmp_path / "out")
+        merge_adapter(MergeOptions(tiny_base, adapter, tmp_path / "out"))
     assert_nothing_written(tmp_path / "out")
 
 
@@ -549,26 +552,24 @@ def test_truncated_adapter_weights(tmp_path: Path, tiny_base: Path, plain_adapte
     data = weights.read_bytes()
     weights.write_bytes(data[: len(data) - 1000])
     with pytest.raises(Lora2ggufError, match=r"adapter_model\.safetensors: truncated") as err:
-        merge_adapter(tiny_base, adapter, tmp_path / "out")
+        merge_adapter(MergeOptions(tiny_base, adapter, tmp_path / "out"))
     assert str(weights) in str(err.value)
     assert_nothing_written(tmp_path / "out")
     weights.write_bytes(data[:5])  # not even a header
     with pytest.raises(Lora2ggufError, match=r"adapter_model\.safetensors: truncated"):
-        merge_adapter(tiny_base, adapter, tmp_path / "out")
+        merge_adapter(MergeOptions(tiny_base, adapter, tmp_path / "out"))
 
 
 def test_tolerance_violation_fails(
     tmp_path: Path, tiny_base: Path, plain_adapter: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A verification failure raises and leaves nothing, with the measured figures in the message."""
-    from lora2gguf import merge_verify
-
     strict = merge_verify.Tolerance(max_abs_logit_delta=0.0, mean_kl=0.0, min_top1_agreement=1.0)
     monkeypatch.setitem(merge_verify.TOLERANCES, "float32", strict)
     # Any rounding difference at all now fails: fp32 merge differs from the unmerged sum in the last bits.
     out = tmp_path / "out"
     with pytest.raises(Lora2ggufError, match=r"disagrees with base\+adapter .*max \|Δlogit\|"):
-        merge_adapter(tiny_base, plain_adapter, out)
+        merge_adapter(MergeOptions(tiny_base, plain_adapter, out))
     assert_nothing_written(out)
 
 
@@ -580,9 +581,9 @@ def test_existing_output_replaced_only_on_success(tmp_path: Path, tiny_base: Pat
     shutil.copytree(plain_adapter, adapter)
     (adapter / "adapter_config.json").write_text("{not json")
     with pytest.raises(Lora2ggufError, match=r"adapter_config\.json: not valid JSON"):
-        merge_adapter(tiny_base, adapter, out)
+        merge_adapter(MergeOptions(tiny_base, adapter, out))
     assert (out / "old.txt").read_text() == "old"
-    merge_adapter(tiny_base, plain_adapter, out)
+    merge_adapter(MergeOptions(tiny_base, plain_adapter, out))
     assert not (out / "old.txt").exists() and (out / "model.safetensors").is_file()
 
 
@@ -590,8 +591,6 @@ def test_existing_output_replaced_only_on_success(tmp_path: Path, tiny_base: Pat
 
 
 def test_cli_merge_and_error_exit(tmp_path: Path, tiny_base: Path, plain_adapter: Path, eval_text: Path) -> None:
-    from lora2gguf.cli import main
-
     out, report = tmp_path / "models" / "x-merged", tmp_path / "results" / "x" / "merge_report.json"
     rc = main(
         ["merge", "--base", str(tiny_base), "--adapter", str(plain_adapter), "--out", str(out),
@@ -610,7 +609,7 @@ def test_cli_module_does_not_import_torch() -> None:
     import sys
 
     code = (
-        "import sys, argparse, lora2gguf.merge as m; p = argparse.ArgumentParser(); m.add_arguments(p); "
+        "import sys, argparse, lora2gguf.commands.merge as m; p = argparse.ArgumentParser(); m.add_arguments(p); "
         "assert 'torch' not in sys.modules, 'torch imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -620,7 +619,8 @@ def test_half_precision_merge(tmp_path: Path, tiny_base: Path, plain_adapter: Pa
     import torch
     from safetensors import safe_open
 
-    report = merge_adapter(tiny_base, plain_adapter, tmp_path / "bf16", dtype="bfloat16", eval_text=eval_text)
+    options = MergeOptions(tiny_base, plain_adapter, tmp_path / "bf16", dtype="bfloat16", eval_text=eval_text)
+    report = merge_adapter(options)
     assert report["settings"]["dtype"] == "bfloat16" and report["verification"]["passed"]
     assert report["verification"]["tolerance"]["max_abs_logit_delta"] > 1e-2
     with safe_open(tmp_path / "bf16" / "model.safetensors", "pt") as handle:
@@ -630,7 +630,7 @@ def test_half_precision_merge(tmp_path: Path, tiny_base: Path, plain_adapter: Pa
 def test_trained_demo_run_merges(tmp_path: Path, tiny_base: Path, tiny_run: Path, eval_text: Path) -> None:
     """A real (short) peft training in LLaMA-Factory's run layout, as the workflow sees it."""
     out, report_path = tmp_path / "models" / "tiny-merged", tmp_path / "results" / "merge_report.json"
-    report = merge_adapter(tiny_base, tiny_run, out, report=report_path, eval_text=eval_text)
+    report = merge_adapter(MergeOptions(tiny_base, tiny_run, out, report=report_path, eval_text=eval_text))
     assert json.loads(report_path.read_text()) == report
     assert report["verification"]["top1_agreement"] == 1.0
     tolerance = report["verification"]["tolerance"]
@@ -650,8 +650,12 @@ def _cuda_available() -> bool:
 def test_cuda_merge(tmp_path: Path, tiny_base: Path, plain_adapter: Path, eval_text: Path, dtype: str) -> None:
     from safetensors.torch import load_file
 
-    cpu = merge_adapter(tiny_base, plain_adapter, tmp_path / "cpu", device="cpu", dtype=dtype, eval_text=eval_text)
-    gpu = merge_adapter(tiny_base, plain_adapter, tmp_path / "gpu", device="auto", dtype=dtype, eval_text=eval_text)
+    cpu = merge_adapter(
+        MergeOptions(tiny_base, plain_adapter, tmp_path / "cpu", device="cpu", dtype=dtype, eval_text=eval_text)
+    )
+    gpu = merge_adapter(
+        MergeOptions(tiny_base, plain_adapter, tmp_path / "gpu", device="auto", dtype=dtype, eval_text=eval_text)
+    )
     assert gpu["settings"]["device"] == "cuda" and gpu["verification"]["passed"]
     assert gpu["memory"]["cuda_peak_allocated_mb"] > 0 and cpu["memory"]["cuda_peak_allocated_mb"] is None
     assert gpu["device_info"]["gpu"]
@@ -664,8 +668,6 @@ def test_compare_logits_metrics() -> None:
     import math
 
     import torch
-
-    from lora2gguf.merge_verify import TOLERANCES, check_tolerance, compare_logits
 
     torch.manual_seed(0)
     ref = torch.randn(2, 5, 11)

@@ -24,17 +24,21 @@ from typing import Any
 import numpy as np
 import pytest
 
+from lora2gguf.convert.convert import convert
+from lora2gguf.demo.dataset import render_text
 from lora2gguf.errors import Lora2ggufError
-from lora2gguf.quant import blocks
-from lora2gguf.quant.recipe import ModelInfo, TensorSpec, llama_order, plan_types, use_more_bits
-from lora2gguf.quant.reference import (
+from lora2gguf.formats.gguf import RawKVWriter, copy_metadata, read_gguf
+from lora2gguf.quantize import blocks
+from lora2gguf.quantize.quantize import QuantizeOptions, quantize_gguf
+from lora2gguf.quantize.recipe import ModelInfo, TensorSpec, llama_order, plan_types, use_more_bits
+from lora2gguf.quantize.types import SUPPORTED, canonical_type, file_tag, type_from_tag
+from llama_oracle import (
     ggml_quantize_rows,
     llama_cpp_available,
     llama_quantize_file,
     make_f16_fixture,
     smollm2_q4_1_path,
 )
-from lora2gguf.quant.types import SUPPORTED, canonical_type, file_tag, type_from_tag
 
 ROOT = Path(__file__).resolve().parents[1]
 needs_llama = pytest.mark.skipif(not llama_cpp_available(), reason="llama-cpp-python is not installed")
@@ -50,8 +54,6 @@ CONFIG_TYPES = ("Q4_K_M", "Q8_0", "Q5_K_M", "Q4_0")
 
 @pytest.fixture(scope="session")
 def tiny_f16(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from lora2gguf.gguf_convert.convert import convert
-
     out = tmp_path_factory.mktemp("tiny-gguf") / "model.gguf"
     convert(tiny_base, out, "f16", progress=False)
     return out
@@ -66,8 +68,6 @@ def smollm2_f16(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _quantize(src: Path, dst: Path, ftype: str, **kw: Any) -> dict[str, Any]:
-    from lora2gguf.quant.quantize import QuantizeOptions, quantize_gguf
-
     return quantize_gguf(src, dst, QuantizeOptions(ftype, threads=kw.pop("threads", 2), **kw))
 
 
@@ -294,8 +294,6 @@ def test_no_partial_output_when_a_tensor_fails(tiny_f16: Path, tmp_path: Path) -
     """A NaN in the weights stops the run with an error naming the tensor; nothing is left."""
     import gguf
 
-    from lora2gguf.quant.gguf_io import RawKVWriter, copy_metadata
-
     reader = gguf.GGUFReader(tiny_f16, "r")
     bad = tmp_path / "nan.gguf"
     writer = RawKVWriter(bad, "qwen2")
@@ -351,8 +349,6 @@ def test_cli_runs_without_torch(tiny_f16: Path, tmp_path: Path) -> None:
 def _blocks(path: Path) -> dict[str, tuple[str, np.ndarray]]:
     import gguf
 
-    from lora2gguf.quant.gguf_io import read_gguf
-
     out = {}
     for t in read_gguf(path).tensors:
         size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[t.type_name]][1]
@@ -366,8 +362,6 @@ def _block_errors(
     """RMS error against the source of the differing blocks, ours and llama.cpp's."""
     import gguf
 
-    from lora2gguf.quant.gguf_io import read_gguf
-
     (t,) = [t for t in read_gguf(src).tensors if t.name == name]
     blk = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]][0]
     x = blocks.decode(t.type_name, t.data, t.shape[0]).reshape(-1, blk)[rows_idx]
@@ -378,8 +372,6 @@ def _block_errors(
 
 def _layout(path: Path) -> tuple[list[tuple[str, bytes]], list[tuple[str, str, tuple[int, ...], int]], int]:
     """Metadata records (raw bytes), tensor table and data offset, as parsed from the file."""
-    from lora2gguf.quant.gguf_io import read_gguf
-
     g = read_gguf(path)
     return g.records, [(t.name, t.type_name, t.shape, t.offset) for t in g.tensors], g.data_offset
 
@@ -407,8 +399,6 @@ def _mean_kl(p_logits: np.ndarray, q_logits: np.ndarray) -> float:
 
 def _eval_tokens(path: Path, n: int) -> list[int]:
     import llama_cpp
-
-    from lora2gguf.demo.dataset import render_text
 
     llm = llama_cpp.Llama(str(path), n_ctx=64, vocab_only=True, verbose=False)
     tokens = llm.tokenize(render_text("eval").encode("utf-8"), add_bos=False)[:n]
@@ -507,8 +497,6 @@ def test_parity_with_llama_cpp_smollm2(ftype: str, smollm2_f16: Path, tmp_path: 
 def _with_output_head(src: Path, dst: Path) -> Path:
     """A copy of ``src`` with an untied output head (output.weight = a perturbed copy of
     token_embd.weight), so the untied-embedding rules are exercised too."""
-    from lora2gguf.quant.gguf_io import RawKVWriter, copy_metadata, read_gguf
-
     reader = read_gguf(src)
     writer = RawKVWriter(dst, str(reader.metadata["general.architecture"]))
     copy_metadata(reader, writer)
@@ -562,8 +550,6 @@ def test_parity_requantize(tiny_f16: Path, tmp_path: Path) -> None:
 @needs_llama
 @pytest.mark.parametrize("outtype", ["bf16", "f32"])
 def test_parity_bf16_and_f32_inputs(outtype: str, tiny_base: Path, tmp_path: Path) -> None:
-    from lora2gguf.gguf_convert.convert import convert
-
     src = tmp_path / f"model-{outtype}.gguf"
     convert(tiny_base, src, outtype, progress=False)
     for ftype in ("Q4_K_M", "Q8_0"):

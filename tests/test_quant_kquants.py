@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lora2gguf.quant import kquants as kq
-from lora2gguf.quant.reference import ggml_quantize_rows, llama_cpp_available
+from lora2gguf.quantize import kquants as kq
+from llama_oracle import ggml_quantize_rows, llama_cpp_available
 
 sys.path.insert(0, str(Path(__file__).parent))
 import _kq_scalar_ref as scalar_ref  # noqa: E402
@@ -164,7 +164,7 @@ def test_backends_agree(type_name: str) -> None:
 def test_numba_scalar_fallback_agrees(type_name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """The one-sub-block-at-a-time numba kernels (used when the vectorised ones
     decline a chunk) give the same bytes."""
-    from lora2gguf.quant import _kq_numba
+    from lora2gguf.quantize import _kq_numba
 
     fn = getattr(kq, f"quantize_{type_name.lower()}")
     xs = _distributions(seed=9, n_rows=4, n_cols=512)

@@ -9,7 +9,7 @@ import pytest
 
 from lora2gguf.cli import main
 from lora2gguf.errors import Lora2ggufError
-from lora2gguf.ranking import rank, read_candidate
+from lora2gguf.rank import rank, read_candidate
 
 
 def make_run(folder: Path, eval_loss: object = 0.07, **extra: object) -> Path:
@@ -62,6 +62,8 @@ def test_export_guide_table(tmp_path: Path) -> None:
     code, out = rank_cli(tmp_path, *reversed(runs))
     assert code == 0
     analysis = json.loads(out.read_text())
+    assert list(analysis)[0] == "schema" and analysis["schema"] == "lora2gguf/model_analysis/1"
+    assert list(analysis)[-1] == "versions" and "python" in analysis["versions"]
     assert analysis["best"] == "mindchat-qwen2-05b"
     assert analysis["ranking"] == ["mindchat-qwen2-05b", "qwen15-05b", "qwen25-05b"]
     second = analysis["candidates"]["qwen15-05b"]

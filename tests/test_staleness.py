@@ -20,6 +20,8 @@ import pytest
 from conftest import BIN, ROOT, tiny_config, write_config
 from test_workflow import planned_jobs
 
+from lora2gguf.manifest.verify import verify_manifest
+
 pytestmark = pytest.mark.slow
 
 # What always follows a model's artifacts: the manifest hashes all of them, and "all" is the target.
@@ -184,8 +186,6 @@ def test_one_artifact_builds_only_its_ancestors(
 
 
 def test_manifest_of_the_real_build_verifies(workflow: Workflow) -> None:
-    from lora2gguf.verify import verify_manifest
-
     manifest_path = workflow.workdir / f"results/{workflow.best}/manifest.json"
     manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     rules = {entry["rule"] for entry in manifest["outputs"]}

@@ -58,6 +58,10 @@ def test_complete_run_builds_every_artifact(built_workdir: Path, tiny_runs: dict
         assert path.is_file() and path.stat().st_size > 0, path
     loser = next(n for n in tiny_runs if n != best)
     assert not (built_workdir / f"models/{loser}-merged").exists()
+    # Snakemake's benchmark tables go next to the job logs; benchmarks/ is for benchmark code only.
+    assert (built_workdir / f"logs/benchmarks/merge_adapter/{best}.tsv").is_file()
+    assert (built_workdir / f"logs/benchmarks/quantize_gguf/{best}-q4_km.tsv").is_file()
+    assert not (built_workdir / "benchmarks").exists()
 
 
 def test_second_dry_run_has_nothing_to_do(built_workdir: Path) -> None:

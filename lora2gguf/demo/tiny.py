@@ -15,6 +15,7 @@ from pathlib import Path
 
 from lora2gguf.artifacts import atomic_dir
 from lora2gguf.errors import Lora2ggufError
+from lora2gguf.demo.dataset import SPLITS, load_dataset_split
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +53,6 @@ TINY_SHAPE = {
 
 def _training_corpus() -> list[str]:
     """Every turn of the demo dataset (both splits, so eval text has no unknown pieces beyond bytes)."""
-    from lora2gguf.demo.dataset import SPLITS, load_dataset_split
 
     texts = []
     for split in SPLITS:

@@ -13,13 +13,14 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from lora2gguf.artifacts import atomic_dir, sha256_file
+from lora2gguf.demo.dataset import DATA_FILES, data_dir, load_dataset_split, read_jsonl, to_messages
 from lora2gguf.errors import Lora2ggufError
 
 logger = logging.getLogger(__name__)
@@ -29,8 +30,6 @@ IGNORE_INDEX = -100
 
 
 def _load_records(dataset: Path | None, split: str) -> list[dict[str, Any]]:
-    from lora2gguf.demo.dataset import load_dataset_split, read_jsonl
-
     if dataset is None:
         return load_dataset_split(split)
     path = Path(dataset) / f"{split}.jsonl"
@@ -70,8 +69,6 @@ def encode_dialogue(tokenizer: Any, messages: list[dict[str, str]], max_length: 
 
 
 def encode_records(tokenizer: Any, records: Sequence[dict[str, Any]], max_length: int, split: str) -> list[dict]:
-    from lora2gguf.demo.dataset import to_messages
-
     encoded = []
     for record in records:
         item = encode_dialogue(tokenizer, to_messages(record), max_length)
@@ -110,123 +107,164 @@ class _PadCollator:
         }
 
 
-def _check_base(base_dir: Path) -> None:
+@dataclass(frozen=True)
+class TrainOptions:
+    """Hyperparameters and inputs of one LoRA training (besides the base and output folders).
+
+    ``dataset``: a folder with train.jsonl / eval.jsonl (ShareGPT records); None uses the packaged
+    demo data. ``base_name`` is what adapter_config.json records as base_model_name_or_path
+    (default: the base path as given).
+    """
+
+    dataset: Path | None = None
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: Sequence[str] = ALL_LINEAR
+    steps: int = 10
+    lr: float = 1e-3
+    batch_size: int = 2
+    grad_accum: int = 1
+    max_length: int = 256
+    warmup_steps: int = 0
+    scheduler: str = "cosine"
+    logging_steps: int = 1
+    seed: int = 0
+    base_name: str | None = None
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """The values the run record lists, in its key order."""
+        return {
+            "r": self.r, "alpha": self.alpha, "dropout": self.dropout, "target_modules": list(self.target_modules),
+            "steps": self.steps, "lr": self.lr, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
+            "max_length": self.max_length, "warmup_steps": self.warmup_steps, "scheduler": self.scheduler,
+            "seed": self.seed,
+        }
+
+
+def _check_inputs(base_dir: Path, o: TrainOptions) -> None:
     if not (base_dir / "config.json").is_file():
         raise Lora2ggufError(f"{base_dir / 'config.json'}: base model folder has no config.json")
     if not any(base_dir.glob("*.safetensors")):
         raise Lora2ggufError(f"{base_dir}: no *.safetensors weights (pickle .bin weights are refused)")
+    if o.r <= 0 or o.alpha <= 0 or o.steps <= 0 or o.batch_size <= 0 or o.max_length <= 8:
+        raise Lora2ggufError(f"train_lora: r, alpha, steps, batch_size must be positive (got r={o.r}, alpha={o.alpha}, steps={o.steps}, batch_size={o.batch_size}, max_length={o.max_length})")
 
 
-def train_lora(
-    base_dir: Path,
-    out_dir: Path,
-    *,
-    dataset: Path | None = None,
-    r: int = 8,
-    alpha: int = 16,
-    dropout: float = 0.0,
-    target_modules: Sequence[str] = ALL_LINEAR,
-    steps: int = 10,
-    lr: float = 1e-3,
-    batch_size: int = 2,
-    grad_accum: int = 1,
-    max_length: int = 256,
-    warmup_steps: int = 0,
-    scheduler: str = "cosine",
-    logging_steps: int = 1,
-    seed: int = 0,
-    base_name: str | None = None,
-) -> Path:
-    """Train a LoRA adapter on ``base_dir`` and write a LLaMA-Factory-style run folder at ``out_dir``.
+def _load_tokenizer(base_dir: Path) -> Any:
+    from transformers import AutoTokenizer
 
-    ``dataset``: a folder with train.jsonl / eval.jsonl (ShareGPT records); None uses the packaged demo
-    data. ``base_name`` is what adapter_config.json records as base_model_name_or_path (default: the
-    path as given). Evaluation runs once, after training, on the whole eval split.
-    """
-    base_dir, out_dir = Path(base_dir), Path(out_dir)
-    _check_base(base_dir)
-    if r <= 0 or alpha <= 0 or steps <= 0 or batch_size <= 0 or max_length <= 8:
-        raise Lora2ggufError(f"train_lora: r, alpha, steps, batch_size must be positive (got r={r}, alpha={alpha}, steps={steps}, batch_size={batch_size}, max_length={max_length})")
-    train_records = _load_records(dataset, "train")
-    eval_records = _load_records(dataset, "eval")
-
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments, set_seed
-
-    set_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(str(base_dir), local_files_only=True)
     if not tokenizer.chat_template:
         raise Lora2ggufError(f"{base_dir / 'tokenizer_config.json'}: key chat_template missing")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    train_set = encode_records(tokenizer, train_records, max_length, "train")
-    eval_set = encode_records(tokenizer, eval_records, max_length, "eval")
+    return tokenizer
+
+
+def _lora_model(base_dir: Path, o: TrainOptions) -> Any:
+    """The base model in float32 with fresh LoRA layers on ``o.target_modules``."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32, local_files_only=True)
-    if base_name is not None:
-        model.config._name_or_path = base_name
+    if o.base_name is not None:
+        model.config._name_or_path = o.base_name
     lora = LoraConfig(
-        r=r,
-        lora_alpha=alpha,
-        lora_dropout=dropout,
-        target_modules=list(target_modules),
+        r=o.r,
+        lora_alpha=o.alpha,
+        lora_dropout=o.dropout,
+        target_modules=list(o.target_modules),
         bias="none",
         task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, lora)
-    if base_name is not None:
-        model.peft_config["default"].base_model_name_or_path = base_name
+    if o.base_name is not None:
+        model.peft_config["default"].base_model_name_or_path = o.base_name
     trainable, total = model.get_nb_trainable_parameters()
-    logger.info("LoRA r=%d alpha=%d on %s: %d trainable of %d parameters", r, alpha, ",".join(target_modules), trainable, total)
+    logger.info("LoRA r=%d alpha=%d on %s: %d trainable of %d parameters", o.r, o.alpha, ",".join(o.target_modules), trainable, total)
+    return model
 
+
+def _trainer(model: Any, tokenizer: Any, train_set: list, eval_set: list, folder: Path, o: TrainOptions) -> Any:
+    """The HF Trainer LLaMA-Factory's sft stage drives, on CPU, without checkpoints or in-training eval."""
+    from transformers import Trainer, TrainingArguments
+
+    args = TrainingArguments(
+        output_dir=str(folder),
+        max_steps=o.steps,
+        per_device_train_batch_size=o.batch_size,
+        per_device_eval_batch_size=o.batch_size,
+        gradient_accumulation_steps=o.grad_accum,
+        learning_rate=o.lr,
+        lr_scheduler_type=o.scheduler,
+        warmup_steps=o.warmup_steps,
+        logging_steps=o.logging_steps,
+        eval_strategy="no",
+        save_strategy="no",
+        report_to=[],
+        seed=o.seed,
+        data_seed=o.seed,
+        use_cpu=True,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+        disable_tqdm=True,
+    )
+    return Trainer(
+        model=model,
+        args=args,
+        train_dataset=train_set,
+        eval_dataset=eval_set,
+        data_collator=_PadCollator(tokenizer.pad_token_id),
+        processing_class=tokenizer,
+    )
+
+
+def _train_and_save(trainer: Any, folder: Path, out_dir: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Train, then write what LLaMA-Factory writes: adapter, tokenizer, metrics and trainer state."""
+    result = trainer.train()
+    trainer.save_model(str(folder))
+    _sort_target_modules(folder / "adapter_config.json")
+    train_metrics = dict(result.metrics)
+    trainer.log_metrics("train", train_metrics)
+    trainer.save_metrics("train", train_metrics)
+    eval_metrics = trainer.evaluate()
+    if not math.isfinite(eval_metrics.get("eval_loss", float("nan"))):
+        raise Lora2ggufError(f"{out_dir}: evaluation produced a non-finite eval_loss ({eval_metrics.get('eval_loss')})")
+    trainer.log_metrics("eval", eval_metrics)
+    trainer.save_metrics("eval", eval_metrics)
+    trainer.save_state()
+    return train_metrics, eval_metrics
+
+
+def train_lora(base_dir: Path, out_dir: Path, options: TrainOptions | None = None, **fields: Any) -> Path:
+    """Train a LoRA adapter on ``base_dir`` and write a LLaMA-Factory-style run folder at ``out_dir``.
+
+    ``fields`` override single :class:`TrainOptions` fields (``train_lora(base, out, r=4, steps=2)``).
+    Evaluation runs once, after training, on the whole eval split.
+    """
+    o = replace(options or TrainOptions(), **fields)
+    base_dir, out_dir = Path(base_dir), Path(out_dir)
+    _check_inputs(base_dir, o)
+    train_records = _load_records(o.dataset, "train")
+    eval_records = _load_records(o.dataset, "eval")
+
+    # Everything the run uses is imported before seeding, so that no import can draw from the
+    # seeded generators (the same runs give the same weights as ever).
+    import torch  # noqa: F401
+    from peft import LoraConfig, get_peft_model  # noqa: F401
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments, set_seed  # noqa: F401
+
+    set_seed(o.seed)
+    tokenizer = _load_tokenizer(base_dir)
+    train_set = encode_records(tokenizer, train_records, o.max_length, "train")
+    eval_set = encode_records(tokenizer, eval_records, o.max_length, "eval")
+    model = _lora_model(base_dir, o)
     with atomic_dir(out_dir) as tmp:
-        args = TrainingArguments(
-            output_dir=str(tmp),
-            max_steps=steps,
-            per_device_train_batch_size=batch_size,
-            per_device_eval_batch_size=batch_size,
-            gradient_accumulation_steps=grad_accum,
-            learning_rate=lr,
-            lr_scheduler_type=scheduler,
-            warmup_steps=warmup_steps,
-            logging_steps=logging_steps,
-            eval_strategy="no",
-            save_strategy="no",
-            report_to=[],
-            seed=seed,
-            data_seed=seed,
-            use_cpu=True,
-            dataloader_num_workers=0,
-            remove_unused_columns=False,
-            disable_tqdm=True,
-        )
-        trainer = Trainer(
-            model=model,
-            args=args,
-            train_dataset=train_set,
-            eval_dataset=eval_set,
-            data_collator=_PadCollator(tokenizer.pad_token_id),
-            processing_class=tokenizer,
-        )
-        result = trainer.train()
-        trainer.save_model(str(tmp))
-        _sort_target_modules(tmp / "adapter_config.json")
-        train_metrics = dict(result.metrics)
-        trainer.log_metrics("train", train_metrics)
-        trainer.save_metrics("train", train_metrics)
-        eval_metrics = trainer.evaluate()
-        if not math.isfinite(eval_metrics.get("eval_loss", float("nan"))):
-            raise Lora2ggufError(f"{out_dir}: evaluation produced a non-finite eval_loss ({eval_metrics.get('eval_loss')})")
-        trainer.log_metrics("eval", eval_metrics)
-        trainer.save_metrics("eval", eval_metrics)
-        trainer.save_state()
-        hyper = {
-            "r": r, "alpha": alpha, "dropout": dropout, "target_modules": list(target_modules), "steps": steps,
-            "lr": lr, "batch_size": batch_size, "grad_accum": grad_accum, "max_length": max_length,
-            "warmup_steps": warmup_steps, "scheduler": scheduler, "seed": seed,
-        }
-        _write_demo_record(tmp, base_dir, dataset, train_set, eval_set, hyper)
+        trainer = _trainer(model, tokenizer, train_set, eval_set, tmp, o)
+        train_metrics, eval_metrics = _train_and_save(trainer, tmp, out_dir)
+        _write_demo_record(tmp, base_dir, o.dataset, train_set, eval_set, o.hyperparameters())
     logger.info("run written to %s: eval_loss %.4f, train_loss %.4f", out_dir, eval_metrics["eval_loss"], train_metrics["train_loss"])
     return out_dir
 
@@ -243,8 +281,6 @@ def _write_demo_record(
     folder: Path, base_dir: Path, dataset: Path | None, train_set: list, eval_set: list, hyper: dict[str, Any]
 ) -> None:
     """Provenance of the run (not a LLaMA-Factory file; readers of the layout ignore it)."""
-    from lora2gguf.demo.dataset import DATA_FILES, data_dir
-
     data_root = Path(dataset) if dataset is not None else data_dir()
     names = {s: (f"{s}.jsonl" if dataset is not None else DATA_FILES[s]) for s in ("train", "eval")}
     record = {

@@ -8,8 +8,11 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import gguf
+
+from lora2gguf.artifacts import read_json, sha256_file
 from lora2gguf.errors import Lora2ggufError
-from lora2gguf.quant.gguf_io import reader_value
+from lora2gguf.formats.gguf import reader_value
 
 logger = logging.getLogger(__name__)
 
@@ -20,8 +23,6 @@ _SIDECAR_KEYS = ("type", "fallbacks", "fallback_count", "tensor_types", "bits_pe
 def file_type_label(file_type: int | None, tensor_types: dict[str, int]) -> str:
     """"Q4_K_M" for LlamaFileType.MOSTLY_Q4_K_M; without general.file_type, the most common
     non-F32 tensor type."""
-    import gguf
-
     if file_type is not None:
         try:
             name = gguf.LlamaFileType(int(file_type)).name
@@ -35,8 +36,6 @@ def file_type_label(file_type: int | None, tensor_types: dict[str, int]) -> str:
 def describe(path: Path) -> dict[str, Any]:
     """Header facts of one GGUF file. Bits per weight = 8 * tensor bytes / tensor elements, as
     llama.cpp prints it at load time."""
-    import gguf
-
     try:
         reader = gguf.GGUFReader(path, "r")
     except (OSError, ValueError) as exc:
@@ -77,8 +76,6 @@ def sidecar_path(gguf_path: Path) -> Path:
 
 def read_sidecar(gguf_path: Path) -> dict[str, Any] | None:
     """The quantizer's sidecar next to ``gguf_path`` (model-q4_km.gguf -> model-q4_km.json), or None."""
-    from lora2gguf.artifacts import read_json, sha256_file
-
     path = sidecar_path(gguf_path)
     if not path.is_file():
         return None

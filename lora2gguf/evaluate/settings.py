@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from lora2gguf.errors import Lora2ggufError
 
 logger = logging.getLogger(__name__)
@@ -62,8 +64,6 @@ def _read_structured(value: str, what: str) -> tuple[Any, str]:
             return json.loads(text), str(path)
         except json.JSONDecodeError as exc:
             raise Lora2ggufError(f"{path}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
-    import yaml
-
     try:
         return yaml.safe_load(text), str(path)
     except yaml.YAMLError as exc:

@@ -21,10 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import gguf
 import numpy as np
+from tqdm import tqdm
 
+from lora2gguf.archs import load_config, read_hparams, spec_for
 from lora2gguf.errors import Lora2ggufError
-from lora2gguf.imatrix.fileformat import Imatrix, ImatrixEntry
+from lora2gguf.formats.imatrix import Imatrix, ImatrixEntry
 
 logger = logging.getLogger(__name__)
 
@@ -43,10 +46,7 @@ class CollectStats:
 
 def gguf_names(model: Any, model_dir: Path) -> dict[str, str]:
     """Map each nn.Linear module name to its GGUF weight name, for the blk.* weights."""
-    import gguf
     import torch
-
-    from lora2gguf.gguf_convert.archs import load_config, read_hparams, spec_for
 
     config = load_config(model_dir)
     config_path = model_dir / "config.json"
@@ -70,24 +70,10 @@ def chunk_ids(ids: list[int], chunk_size: int) -> list[list[int]]:
     return [c for c in chunks if len(c) >= MIN_TOKENS_PER_PASS]
 
 
-def collect(
-    model: Any,
-    tokenizer: Any,
-    model_dir: Path,
-    text: str,
-    *,
-    chunk_size: int,
-    max_tokens: int | None,
-    dataset: str,
-    start_token: int = 0,
-) -> tuple[Imatrix, CollectStats]:
-    """Run ``model`` over ``text`` (from token ``start_token`` on) and return its importance matrix
-    and what was measured."""
-    import torch
-    from tqdm import tqdm
-
-    if chunk_size < MIN_TOKENS_PER_PASS:
-        raise Lora2ggufError(f"chunk size {chunk_size}: must be at least {MIN_TOKENS_PER_PASS} tokens")
+def _calibration_chunks(
+    tokenizer: Any, text: str, chunk_size: int, max_tokens: int | None, start_token: int, dataset: str
+) -> tuple[int, list[list[int]]]:
+    """The tokens of the whole text, and the chunks of the part used."""
     ids = [int(i) for i in tokenizer(text, verbose=False)["input_ids"]]
     available = len(ids)
     ids = ids[start_token:]
@@ -98,7 +84,16 @@ def collect(
         raise Lora2ggufError(
             f"{dataset}: {len(ids)} calibration tokens, fewer than the {MIN_TOKENS_PER_PASS} one pass needs"
         )
-    names = gguf_names(model, model_dir)
+    return available, chunks
+
+
+def _squared_input_sums(
+    model: Any, names: dict[str, str], chunks: list[list[int]]
+) -> tuple[dict[str, Any], dict[str, int], float]:
+    """Run every chunk through ``model`` with a pre-hook on each named module: per module the float64
+    sums of the squared inputs, the tokens seen, and the seconds the forward passes took."""
+    import torch
+
     modules = dict(model.named_modules())
     device = next(model.parameters()).device
     sums = {n: torch.zeros(modules[n].in_features, dtype=torch.float64, device=device) for n in names}
@@ -124,7 +119,27 @@ def collect(
     finally:
         for h in handles:
             h.remove()
-    seconds = time.perf_counter() - start
+    return sums, counts, time.perf_counter() - start
+
+
+def collect(
+    model: Any,
+    tokenizer: Any,
+    model_dir: Path,
+    text: str,
+    *,
+    chunk_size: int,
+    max_tokens: int | None,
+    dataset: str,
+    start_token: int = 0,
+) -> tuple[Imatrix, CollectStats]:
+    """Run ``model`` over ``text`` (from token ``start_token`` on) and return its importance matrix
+    and what was measured."""
+    if chunk_size < MIN_TOKENS_PER_PASS:
+        raise Lora2ggufError(f"chunk size {chunk_size}: must be at least {MIN_TOKENS_PER_PASS} tokens")
+    available, chunks = _calibration_chunks(tokenizer, text, chunk_size, max_tokens, start_token, dataset)
+    names = gguf_names(model, model_dir)
+    sums, counts, seconds = _squared_input_sums(model, names, chunks)
 
     imatrix = Imatrix(datasets=[dataset], chunk_count=len(chunks), chunk_size=chunk_size)
     for module_name, gguf_name in names.items():
@@ -135,5 +150,6 @@ def collect(
             values.reshape(1, -1), np.array([counts[module_name]], dtype=np.float32)
         )
     used = sum(len(c) for c in chunks)
+    device = next(model.parameters()).device
     stats = CollectStats(available, used, len(chunks), seconds, str(device))
     return imatrix, stats

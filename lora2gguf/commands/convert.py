@@ -1,0 +1,56 @@
+"""``lora2gguf convert``: merged HF model folder -> GGUF (F16 by default)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from lora2gguf.convert.convert import ConvertOptions, run_convert
+
+HELP = "convert a merged Hugging Face model folder (Qwen2 or Llama) to a GGUF file"
+
+# In the order --help lists them; the step checks the value against its OUTTYPES table.
+_OUTTYPES = ("f16", "bf16", "f32", "q8_0")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = (
+        "Convert a merged Hugging Face model folder (config.json, tokenizer.json, *.safetensors) to one GGUF "
+        "file that llama.cpp loads. Supported architectures: Qwen2ForCausalLM (qwen2: Qwen1.5/Qwen2/Qwen2.5) "
+        "and LlamaForCausalLM (llama: Llama, SmolLM2). Tensors are streamed one at a time from memory-mapped "
+        "safetensors; the output is written to a temporary file and renamed when complete. Torch is not needed."
+    )
+    parser.add_argument("in_dir", metavar="IN_DIR", type=Path, help="merged model folder (Hugging Face layout)")
+    parser.add_argument("out", metavar="OUT.gguf", type=Path, help="GGUF file to write")
+    parser.add_argument(
+        "--outtype",
+        choices=_OUTTYPES,
+        default="f16",
+        help="type of the weight matrices (default: f16; norms and biases stay f32). f16 fails with a "
+        "message if a tensor exceeds the float16 range: use bf16 then. q8_0 is llama.cpp's 8-bit type.",
+    )
+    parser.add_argument("--base-model", metavar="NAME", help="base model name, recorded as general.basename and general.base_model.0.name")
+    parser.add_argument("--adapter", metavar="NAME", help="LoRA adapter / run name, recorded as general.finetune")
+    parser.add_argument("--name", metavar="NAME", help="model name for general.name (default: from the folder)")
+    parser.add_argument("--no-progress", action="store_true", help="no per-tensor progress bar")
+    parser.add_argument(
+        "--report",
+        metavar="JSON",
+        type=Path,
+        help="also write a JSON report (tensor types, sizes, time, peak memory, versions, input/output sha256)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    options = ConvertOptions(
+        in_dir=args.in_dir,
+        out=args.out,
+        outtype=args.outtype,
+        base_model=args.base_model,
+        adapter=args.adapter,
+        name=args.name,
+        progress=not args.no_progress,
+        report=args.report,
+    )
+    run_convert(options)
+    return 0

@@ -1,0 +1,65 @@
+"""The architecture's hyperparameters and q/k layout as llama.cpp's converter writes them into a GGUF."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+
+from lora2gguf.archs import ArchSpec, HParams
+
+
+def write_hparams(writer: gguf.GGUFWriter, spec: ArchSpec, hp: HParams) -> None:
+    """The architecture's hyperparameter keys, in the order llama.cpp's converter writes them."""
+    writer.add_block_count(hp.block_count)
+    writer.add_context_length(hp.context_length)
+    writer.add_embedding_length(hp.embedding_length)
+    writer.add_feed_forward_length(hp.feed_forward_length)
+    writer.add_head_count(hp.head_count)
+    if hp.head_count_kv is not None:
+        writer.add_head_count_kv(hp.head_count_kv)
+    rope_type = hp.rope_scaling.get("rope_type")
+    factor = hp.rope_scaling.get("factor")
+    if rope_type == "linear" and factor is not None:
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(factor))
+    elif rope_type == "yarn" and factor is not None:
+        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(float(factor))
+        writer.add_rope_scaling_orig_ctx_len(int(hp.rope_scaling["original_max_position_embeddings"]))
+        for key, add in (
+            ("extrapolation_factor", writer.add_rope_scaling_yarn_ext_factor),
+            ("attention_factor", writer.add_rope_scaling_yarn_attn_factor),
+            ("beta_fast", writer.add_rope_scaling_yarn_beta_fast),
+            ("beta_slow", writer.add_rope_scaling_yarn_beta_slow),
+        ):
+            if hp.rope_scaling.get(key) is not None:
+                add(float(hp.rope_scaling[key]))
+    if hp.rope_theta is not None:
+        writer.add_rope_freq_base(hp.rope_theta)
+    writer.add_layer_norm_rms_eps(hp.rms_eps)
+    if hp.head_dim is not None:
+        writer.add_key_length(hp.head_dim)
+        writer.add_value_length(hp.head_dim)
+
+
+def write_arch_extras(writer: gguf.GGUFWriter, spec: ArchSpec, hp: HParams) -> None:
+    """Keys only some architectures carry (written after general.file_type, like llama.cpp does)."""
+    if spec.write_vocab_size:
+        writer.add_vocab_size(hp.vocab_size)
+    if spec.write_rope_dimension_count:
+        writer.add_rope_dimension_count(hp.head_dim if hp.head_dim is not None else hp.embedding_length // hp.head_count)
+
+
+def permute_qk(weights: np.ndarray, n_head: int) -> np.ndarray:
+    """Reorder q/k rows (or bias entries) of each head from HF's rotate-half to llama.cpp's interleaved layout.
+
+    Per head the rows are [first halves | second halves] of the rotary pairs in HF; llama.cpp wants
+    the two members of each pair adjacent. Splitting each head into (2, half) and swapping those
+    axes does exactly that.
+    """
+    rows = weights.shape[0]
+    if rows % (2 * n_head):
+        raise ValueError(f"{rows} rows cannot be split into {n_head} heads of rotary pairs")
+    return np.ascontiguousarray(
+        weights.reshape(n_head, 2, rows // n_head // 2, *weights.shape[1:]).swapaxes(1, 2).reshape(weights.shape)
+    )

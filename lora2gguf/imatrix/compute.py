@@ -1,0 +1,111 @@
+"""Compute an importance matrix: load the merged model, collect over the calibration text, write the
+imatrix GGUF (usable by ``lora2gguf quantize --imatrix`` and llama.cpp's ``llama-quantize --imatrix``)
+and its report."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lora2gguf import hf
+from lora2gguf.artifacts import atomic_file, sha256_file, sha256_tree, write_json
+from lora2gguf.errors import Lora2ggufError
+from lora2gguf.formats.imatrix import Imatrix, write_imatrix
+from lora2gguf.imatrix.collect import CollectStats, collect
+from lora2gguf.provenance import PeakMemory, build_report, device_info
+
+logger = logging.getLogger(__name__)
+
+REPORT_KIND = "imatrix"
+
+
+@dataclass(frozen=True)
+class ImatrixOptions:
+    """What ``lora2gguf imatrix`` computes: the model, the calibration text, where the result goes."""
+
+    model: Path
+    text: Path
+    out: Path
+    report: Path | None = None  # default: out with a .json suffix
+    chunk_size: int = 512
+    max_tokens: int | None = None
+    device: str = "auto"
+    threads: int = os.cpu_count() or 1
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+
+
+def _read_text(options: ImatrixOptions) -> str:
+    if options.max_tokens is not None and options.max_tokens < 1:
+        raise Lora2ggufError(f"--max-tokens must be at least 1, got {options.max_tokens}")
+    if not options.text.is_file():
+        raise Lora2ggufError(f"{options.text}: calibration text not found")
+    try:
+        return options.text.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise Lora2ggufError(f"{options.text}: not UTF-8 text ({exc})") from exc
+
+
+def _collect(options: ImatrixOptions, text: str) -> tuple[Imatrix, CollectStats, PeakMemory]:
+    """Run the float32 model over the text; the memory window covers loading and collection."""
+    import torch
+
+    device = hf.select_device(options.device)
+    torch.set_num_threads(options.threads)
+    with PeakMemory() as mem:
+        model, tokenizer = hf.load(
+            options.model, device, torch.float32,
+            trust_remote_code=options.trust_remote_code, allow_pickle=options.allow_pickle,
+        )
+        imatrix, stats = collect(
+            model, tokenizer, options.model, text,
+            chunk_size=options.chunk_size, max_tokens=options.max_tokens, dataset=str(options.text),
+        )
+        del model
+    return imatrix, stats, mem
+
+
+def _report(options: ImatrixOptions, imatrix: Imatrix, stats: CollectStats, mem: PeakMemory) -> dict[str, Any]:
+    body = {
+        "output": {"path": str(options.out), "sha256": sha256_file(options.out), "entries": len(imatrix.entries)},
+        "model": {"path": str(options.model), "sha256": sha256_tree(options.model)},
+        "calibration": {
+            "text": str(options.text),
+            "sha256": sha256_file(options.text),
+            "tokens_in_text": stats.tokens_available,
+            "tokens_used": stats.tokens_used,
+            "max_tokens": options.max_tokens,
+            "chunk_size": options.chunk_size,
+            "chunks": stats.chunks,
+        },
+        "measured": {
+            "what": "sum over tokens of the squared input of every blk.* linear layer, and the token count",
+            "forward_seconds": round(stats.seconds, 3),
+            "tokens_per_second": round(stats.tokens_used / stats.seconds, 1) if stats.seconds > 0 else None,
+            "peak_rss_mb": mem.peak_rss_mb,
+            **({"cuda_peak_mb": mem.cuda_peak_mb} if mem.cuda_peak_mb is not None else {}),
+            "precision": "float32 model, float64 accumulation, stored float32",
+        },
+        # Named device_info, as the report has always named it (build_report's device= would say "device").
+        "device_info": device_info(stats.device),
+    }
+    return build_report(REPORT_KIND, body)
+
+
+def compute_imatrix(options: ImatrixOptions) -> dict[str, Any]:
+    """Write the importance matrix to ``options.out`` and its report next to it (or to ``options.report``)."""
+    text = _read_text(options)
+    imatrix, stats, mem = _collect(options, text)
+    with atomic_file(options.out) as tmp:
+        write_imatrix(tmp, imatrix)
+    logger.info(
+        "%s: %d matrices from %d tokens in %d chunks of %d (%.1f s on %s)",
+        options.out, len(imatrix.entries), stats.tokens_used, stats.chunks, options.chunk_size, stats.seconds,
+        stats.device,
+    )
+    report = _report(options, imatrix, stats, mem)
+    write_json(options.report or options.out.with_suffix(".json"), report)
+    return report

@@ -1,0 +1,661 @@
+"""The merge step: merge a LoRA adapter into its base model with peft, verify it, write an HF folder.
+
+Flow: check the inputs from file headers (merge.inputs) -> load base (+ resize a vocabulary the
+adapter extended) -> PeftModel -> reference logits on a fixed batch -> merge_and_unload(safe_merge)
+-> reject NaN/Inf -> write weights, config, generation config and tokenizer into a temporary folder
+-> reload that folder and compare its logits with the reference (merge.verify) -> rename into place
+-> write the report. Any failure leaves no output folder and no report.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import re
+import shutil
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lora2gguf import hf
+from lora2gguf.artifacts import atomic_dir, read_json, sha256_file, sha256_tree, write_json
+from lora2gguf.errors import Lora2ggufError
+from lora2gguf.formats.safetensors import read_header, read_metadata
+from lora2gguf.merge import inputs as mi
+from lora2gguf.merge import verify as mv
+from lora2gguf.merge.inputs import TOKENIZER_FILES
+from lora2gguf.provenance import PeakMemory, Timer, build_report, device_info
+
+logger = logging.getLogger(__name__)
+
+DTYPES = hf.DTYPES
+DEVICES = ("auto", "cpu", "cuda")
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB|KIB|MIB|GIB|TIB)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {
+    "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+    "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40,
+}  # fmt: skip
+
+
+@dataclass
+class MergeOptions:
+    """What to merge and how: the `lora2gguf merge` flags (the workflow's merge settings)."""
+
+    base: Path
+    adapter: Path
+    out: Path
+    dtype: str = "auto"
+    device: str = "auto"
+    shard_size: str | int = "2GB"
+    report: Path | None = None
+    eval_text: Path | None = None
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+    # Size of the verification batch; None keeps merge.verify's defaults (tests use smaller ones).
+    verify_sequences: int | None = None
+    verify_seq_len: int | None = None
+
+    def __post_init__(self) -> None:
+        self.base, self.adapter, self.out = Path(self.base), Path(self.adapter), Path(self.out)
+
+
+@dataclass
+class _Trace:
+    """What the run notices on its way, for the report: warnings, notes and seconds per phase."""
+
+    warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class _Inputs:
+    """What the checks on file headers found, before anything is loaded."""
+
+    adapter_cfg: dict[str, Any]
+    base_w: mi.WeightSource
+    adapter_w: mi.WeightSource
+    name_check: dict[str, Any]
+    fit: dict[str, Any]
+    tok_src: Path
+    dtype_name: str
+    shard_bytes: int
+
+
+@dataclass
+class _Reference:
+    """The fixed verification batch and the unmerged model's logits on it."""
+
+    batch: Any
+    info: dict[str, Any]
+    logits: Any
+
+
+@dataclass
+class _Written:
+    tokenizer_files: list[str]
+    weights: dict[str, Any]
+
+
+@dataclass
+class _Verified:
+    """What the reloaded output folder showed."""
+
+    metrics: dict[str, Any]
+    vocab_rows: int
+    tokenizer_len: int
+    chat_template: bool
+    sha256: dict[str, str]
+
+
+def merge_adapter(options: MergeOptions) -> dict[str, Any]:
+    """Merge, verify and write; returns the report (also written to ``options.report`` when given)."""
+    trace = _Trace()
+    inputs = _check_inputs(options, trace)
+    dev, load_kwargs = _torch_setup(options, inputs)
+    with Timer() as total, PeakMemory(cuda=dev.startswith("cuda")) as mem:
+        with Timer() as t:
+            tokenizer, base_model = _load_base(options, inputs, load_kwargs, dev, trace)
+            peft_model = _load_adapter(base_model, options, inputs, trace)
+            del base_model
+        trace.timings["load_s"] = t.seconds
+        ref = _reference_logits(peft_model, tokenizer, options, inputs, dev, trace)
+        merged, tying = _merge(peft_model, inputs, trace)
+        del peft_model
+        with atomic_dir(options.out) as tmp:
+            written = _write_folder(merged, tokenizer, tmp, options, inputs, trace)
+            # `merged` is the base module itself: drop the last reference so the reload below does not
+            # hold two copies of the weights at once.
+            del merged
+            _release_memory()
+            verified = _verify_written(tmp, ref, load_kwargs, dev, options, inputs, tying, trace)
+    metrics = verified.metrics
+    logger.info(
+        "merged %s: max|Δlogit| %.3g, mean KL %.3g, top-1 %.4f (%s, %s) in %.1f s",
+        options.out, metrics["max_abs_logit_delta"], metrics["mean_kl"], metrics["top1_agreement"],
+        inputs.dtype_name, dev, total.seconds,
+    )  # fmt: skip
+    report = _report(
+        options, inputs, dev=dev, ref=ref, tying=tying, written=written, verified=verified, trace=trace,
+        total_s=total.seconds, memory=mem.as_dict(),
+    )  # fmt: skip
+    if options.report is not None:
+        write_json(options.report, report)
+    return report
+
+
+def _check_options(options: MergeOptions) -> int:
+    """Settings argparse cannot check (the workflow passes them from its config); returns the shard size."""
+    if options.dtype not in DTYPES:
+        raise Lora2ggufError(f"dtype {options.dtype!r} (merge.dtype) is not one of {', '.join(DTYPES)}")
+    if options.device not in DEVICES:
+        raise Lora2ggufError(f"device {options.device!r} (merge.device) is not one of {', '.join(DEVICES)}")
+    shard_bytes = parse_size(options.shard_size)
+    if options.eval_text is not None and not Path(options.eval_text).is_file():
+        raise Lora2ggufError(f"{options.eval_text}: evaluation text not found (--eval-text / evaluation.text)")
+    if options.out.resolve() in (options.base.resolve(), options.adapter.resolve()):
+        raise Lora2ggufError(f"{options.out}: the output folder must differ from the base and adapter folders")
+    return shard_bytes
+
+
+def _check_inputs(options: MergeOptions, trace: _Trace) -> _Inputs:
+    """Everything that can be checked from headers, before spending time on loading."""
+    shard_bytes = _check_options(options)
+    base, adapter = options.base, options.adapter
+    adapter_cfg = mi.read_adapter_config(adapter)
+    base_w = mi.find_base_weights(base, options.allow_pickle)
+    adapter_w = mi.find_adapter_weights(adapter, options.allow_pickle)
+    base_config = read_json(base / "config.json")
+    name_check = mi.base_name_check(adapter_cfg, base, base_config)
+    if name_check["name_matches"] is False:
+        trace.warnings.append(
+            f"adapter records base {name_check['recorded']!r}, configured base is {str(base)!r} (shapes match)"
+        )
+    fit = mi.check_adapter_fits_base(adapter_w, base_w, adapter_cfg, base_config)
+    tok_src = _tokenizer_source(adapter, base)
+    dtype_name = hf.checkpoint_dtype(base_config) if options.dtype == "auto" else options.dtype
+    logger.info("inputs: base %s, adapter %s (%d LoRA tensors), tokenizer from %s", base, adapter,
+                fit["lora_tensors"], tok_src)  # fmt: skip
+    return _Inputs(adapter_cfg, base_w, adapter_w, name_check, fit, tok_src, dtype_name, shard_bytes)
+
+
+def _torch_setup(options: MergeOptions, inputs: _Inputs) -> tuple[str, dict[str, Any]]:
+    """The device and the from_pretrained arguments shared by the base load and the reload."""
+    # Belt and braces on top of local_files_only: nothing in a merge may reach the Hugging Face hub
+    # (read by huggingface_hub when transformers/peft are first imported).
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    # Imported before the timers start, so that load_s and the total time measure work, not imports.
+    from peft import PeftModel  # noqa: F401
+    from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+
+    dev = hf.select_device(options.device, "merge.device")
+    # Seeded so that anything transformers initialises (new rows of a resized embedding) is the same each run.
+    torch.manual_seed(0)
+    load_kwargs: dict[str, Any] = {
+        **hf.dtype_kwarg(getattr(torch, inputs.dtype_name)),
+        "local_files_only": True,
+        "trust_remote_code": options.trust_remote_code,
+        "use_safetensors": inputs.base_w.kind == "safetensors",
+    }
+    if dev.startswith("cuda"):
+        load_kwargs["device_map"] = dev  # straight onto the GPU, without a full copy in host memory first
+    return dev, load_kwargs
+
+
+def _non_finite(tensors: Iterable[tuple[str, Any]]) -> tuple[str, int] | None:
+    """The first floating-point tensor holding NaN/Inf, and how many such values it holds."""
+    import torch
+
+    for name, tensor in tensors:
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            return name, int((~torch.isfinite(tensor)).sum())
+    return None
+
+
+def _load_base(
+    options: MergeOptions, inputs: _Inputs, load_kwargs: dict[str, Any], dev: str, trace: _Trace
+) -> tuple[Any, Any]:
+    """The tokenizer and the base model on ``dev``, resized to the vocabulary the adapter's copies imply."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            inputs.tok_src, local_files_only=True, trust_remote_code=options.trust_remote_code
+        )
+    except Exception as exc:  # noqa: BLE001 - transformers raises many types for bad files
+        raise Lora2ggufError(f"{inputs.tok_src}: cannot load the tokenizer: {exc}") from None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(options.base, **load_kwargs)
+    except Exception as exc:  # noqa: BLE001
+        raise Lora2ggufError(f"{options.base}: cannot load the base model: {exc}") from None
+    # A NaN/Inf in the base would otherwise surface later as "base+adapter produce NaN logits",
+    # blaming the adapter; name the base tensor instead.
+    bad = _non_finite(model.named_parameters())
+    if bad is not None:
+        files = inputs.base_w.files
+        raise Lora2ggufError(
+            f"{files[0] if len(files) == 1 else options.base}: base tensor '{bad[0]}' holds "
+            f"{bad[1]} NaN/Inf values; nothing was written"
+        )
+    model.to(dev)
+    rows = model.get_input_embeddings().weight.shape[0]
+    resized = inputs.fit["resized_vocab_rows"]
+    if resized is not None and resized != rows:
+        trace.notes.append(f"resized base embeddings {rows} -> {resized} rows (adapter copies)")
+        logger.info("%s", trace.notes[-1])
+        model.resize_token_embeddings(resized, mean_resizing=False)
+    return tokenizer, model
+
+
+def _load_adapter(model: Any, options: MergeOptions, inputs: _Inputs, trace: _Trace) -> Any:
+    """peft's unmerged base+adapter in eval mode, refused when an adapter tensor is NaN/Inf or unused."""
+    from peft import PeftModel, get_peft_model_state_dict
+
+    try:
+        peft_model = PeftModel.from_pretrained(model, options.adapter, is_trainable=False)
+    except Exception as exc:  # noqa: BLE001 - peft raises many types for bad adapters
+        raise Lora2ggufError(f"{options.adapter}: peft cannot load the adapter: {exc}") from None
+    peft_model.eval()
+    adapter_file = inputs.adapter_w.files[0]
+    # save_embedding_layers=True: the widest set peft may have saved (it adds full embedding
+    # layers for a resized vocabulary or on request), so no legitimately saved key counts as unused.
+    adapter_state = get_peft_model_state_dict(peft_model, save_embedding_layers=True)
+    loaded = {k.replace(".default", "") for k in adapter_state}
+    bad = _non_finite(adapter_state.items())
+    if bad is not None:
+        raise Lora2ggufError(
+            f"{adapter_file}: adapter tensor '{bad[0]}' holds {bad[1]} NaN/Inf values; nothing was written"
+        )
+    del adapter_state
+    _separate_tied_embeddings_if_adapted(peft_model, trace.notes)
+    not_loaded = sorted(set(inputs.adapter_w.tensors) - loaded)
+    if not_loaded:
+        raise Lora2ggufError(
+            f"{adapter_file}: peft did not use {len(not_loaded)} adapter tensors, e.g. "
+            f"'{not_loaded[0]}' (target modules missing from the base?)"
+        )
+    return peft_model
+
+
+def _reference_logits(
+    peft_model: Any, tokenizer: Any, options: MergeOptions, inputs: _Inputs, dev: str, trace: _Trace
+) -> _Reference:
+    """The unmerged model's logits on the fixed batch, refused when they are already NaN/Inf."""
+    import torch
+
+    rows = peft_model.get_input_embeddings().weight.shape[0]
+    batch, info = mv.build_token_batch(
+        tokenizer,
+        options.eval_text,
+        rows,
+        options.verify_sequences or mv.DEFAULT_SEQUENCES,
+        options.verify_seq_len or mv.DEFAULT_SEQ_LEN,
+    )
+    with Timer() as t:
+        logits = mv.logits_on(peft_model, batch, dev)
+    trace.timings["reference_forward_s"] = t.seconds
+    if not bool(torch.isfinite(logits).all()):
+        raise Lora2ggufError(
+            f"{inputs.adapter_w.files[0]}: base+adapter already produce NaN/Inf logits before merging "
+            f"(dtype {inputs.dtype_name}); nothing was written"
+        )
+    return _Reference(batch, info, logits)
+
+
+def _merge(peft_model: Any, inputs: _Inputs, trace: _Trace) -> tuple[Any, dict[str, Any]]:
+    """merge_and_unload (safe_merge), refused on NaN/Inf; returns the merged model and its embedding tying."""
+    adapter_file = inputs.adapter_w.files[0]
+    with Timer() as t:
+        try:
+            merged = peft_model.merge_and_unload(progressbar=True, safe_merge=True)
+        except ValueError as exc:
+            raise Lora2ggufError(f"{adapter_file}: merge failed: {exc}; nothing was written") from None
+        bad = _non_finite(merged.state_dict().items())
+        if bad is not None:
+            raise Lora2ggufError(
+                f"{adapter_file}: the merge produced {bad[1]} NaN/Inf values in '{bad[0]}'; the adapter weights "
+                "are broken or overflow this dtype (try --dtype float32); nothing was written"
+            )
+        tying = _embedding_tying(merged, trace.warnings)
+    trace.timings["merge_s"] = t.seconds
+    return merged, tying
+
+
+def _write_folder(
+    merged: Any, tokenizer: Any, tmp: Path, options: MergeOptions, inputs: _Inputs, trace: _Trace
+) -> _Written:
+    """Weights (sharded above the shard size), config, generation config and tokenizer files into ``tmp``."""
+    with Timer() as t:
+        merged.save_pretrained(tmp, safe_serialization=True, max_shard_size=inputs.shard_bytes)
+        _generation_config(merged, options.base, tokenizer, tmp, trace.notes)
+        copied = _copy_tokenizer(inputs.tok_src, tmp)
+        if inputs.tok_src != options.base and getattr(tokenizer, "chat_template", None) is None:
+            copied += _chat_template_from_base(options.base, tmp, trace.warnings)
+        weights = _check_output_safetensors(tmp)
+        _normal_permissions(tmp)
+    trace.timings["save_s"] = t.seconds
+    return _Written(copied, weights)
+
+
+def _verify_written(
+    tmp: Path,
+    ref: _Reference,
+    load_kwargs: dict[str, Any],
+    dev: str,
+    options: MergeOptions,
+    inputs: _Inputs,
+    tying: dict[str, Any],
+    trace: _Trace,
+) -> _Verified:
+    """Reload the written folder and hold its logits, vocabulary and tying against the reference.
+
+    The artifact itself is verified, not the in-memory model: a save that drops or unties a tensor
+    would otherwise pass unnoticed.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with Timer() as t:
+        try:
+            reloaded = AutoModelForCausalLM.from_pretrained(tmp, **{**load_kwargs, "use_safetensors": True})
+            out_tokenizer = AutoTokenizer.from_pretrained(tmp, local_files_only=True)
+        except Exception as exc:  # noqa: BLE001
+            raise Lora2ggufError(f"{options.out}: the written model does not load back: {exc}") from None
+        reloaded.to(dev).eval()
+        metrics = mv.compare_logits(ref.logits, mv.logits_on(reloaded, ref.batch, dev))
+    trace.timings["verify_s"] = t.seconds
+    problems = mv.check_tolerance(metrics, inputs.dtype_name)
+    if problems:
+        raise Lora2ggufError(
+            f"{options.out}: merged model disagrees with base+adapter ({'; '.join(problems)}; "
+            f"dtype {inputs.dtype_name}); nothing was written"
+        )
+    out_rows = reloaded.get_input_embeddings().weight.shape[0]
+    if len(out_tokenizer) > out_rows:
+        raise Lora2ggufError(
+            f"{inputs.tok_src}: the tokenizer has {len(out_tokenizer)} tokens but the merged model only {out_rows} "
+            "embedding rows (tokens were added without training resized embeddings: modules_to_save "
+            "embed_tokens/lm_head); nothing was written"
+        )
+    if tying["output_tied"] and any(k.startswith("lm_head") for k in _saved_tensor_names(tmp)):
+        raise Lora2ggufError(f"{options.out}: tied embeddings but an lm_head tensor was written")
+    chat_template = getattr(out_tokenizer, "chat_template", None) is not None
+    return _Verified(metrics, out_rows, len(out_tokenizer), chat_template, sha256_tree(tmp))
+
+
+def _report(
+    options: MergeOptions,
+    inputs: _Inputs,
+    *,
+    dev: str,
+    ref: _Reference,
+    tying: dict[str, Any],
+    written: _Written,
+    verified: _Verified,
+    trace: _Trace,
+    total_s: float,
+    memory: dict[str, Any],
+) -> dict[str, Any]:
+    body = {
+        "model": options.out.name.removesuffix("-merged"),
+        "output": {
+            "dir": str(options.out),
+            "dtype": inputs.dtype_name,
+            "weights": written.weights,
+            "vocab_rows": verified.vocab_rows,
+            "tokenizer_len": verified.tokenizer_len,
+            "tokenizer_source": str(inputs.tok_src),
+            "tokenizer_files": written.tokenizer_files,
+            "chat_template": verified.chat_template,
+            "tie_word_embeddings": tying,
+            "sha256": verified.sha256,
+        },
+        "inputs": {
+            "base": str(options.base),
+            "adapter": str(options.adapter),
+            "eval_text": None if options.eval_text is None else str(options.eval_text),
+        },
+        "adapter": _adapter_facts(inputs),
+        "base_check": {**inputs.name_check, "shapes_match": True, "weights_format": inputs.base_w.kind},
+        "settings": _settings(options, inputs, dev),
+        "verification": {
+            "compared": "peft base+adapter (unmerged) vs the merged model reloaded from the written files",
+            "batch": ref.info,
+            **verified.metrics,
+            "tolerance": mv.TOLERANCES[inputs.dtype_name].as_dict(verified.metrics["max_abs_reference_logit"]),
+            "passed": True,
+        },
+        "timing_s": {"total": round(total_s, 3), **{k: round(v, 3) for k, v in trace.timings.items()}},
+        "memory": memory,
+        "input_sha256": _input_hashes(options, inputs),
+        "device_info": device_info(dev),
+        "warnings": trace.warnings,
+        "notes": trace.notes,
+    }
+    return build_report("merge_report", body)
+
+
+def _adapter_facts(inputs: _Inputs) -> dict[str, Any]:
+    cfg = inputs.adapter_cfg
+    target_modules = cfg.get("target_modules")
+    return {
+        "peft_type": cfg.get("peft_type"),
+        "r": cfg.get("r"),
+        "lora_alpha": cfg.get("lora_alpha"),
+        "use_rslora": bool(cfg.get("use_rslora", False)),
+        "use_dora": bool(cfg.get("use_dora", False)),
+        # peft writes target_modules from a set, in arbitrary order: sorted for stable reports.
+        "target_modules": sorted(target_modules) if isinstance(target_modules, list) else target_modules,
+        "modules_to_save": cfg.get("modules_to_save"),
+        "full_weight_tensors": inputs.fit["full_weight_tensors"],
+        "lora_tensors": inputs.fit["lora_tensors"],
+        "weights_format": inputs.adapter_w.kind,
+    }
+
+
+def _settings(options: MergeOptions, inputs: _Inputs, dev: str) -> dict[str, Any]:
+    return {
+        "dtype_requested": options.dtype,
+        "dtype": inputs.dtype_name,
+        "device_requested": options.device,
+        "device": dev,
+        "shard_size_bytes": inputs.shard_bytes,
+        "allow_pickle": options.allow_pickle,
+        "trust_remote_code": options.trust_remote_code,
+        "merge": "peft PeftModel.from_pretrained(...).merge_and_unload(safe_merge=True)",
+    }
+
+
+def _digests(paths: list[Path]) -> dict[str, str]:
+    return {str(p): sha256_file(p) for p in sorted(set(paths)) if p.is_file()}
+
+
+def _input_hashes(options: MergeOptions, inputs: _Inputs) -> dict[str, dict[str, str]]:
+    base, adapter = options.base, options.adapter
+    base_files = [*inputs.base_w.files, base / "config.json", base / "generation_config.json"]
+    if inputs.base_w.index_file is not None:
+        base_files.append(inputs.base_w.index_file)
+    return {
+        "adapter": _digests([*inputs.adapter_w.files, adapter / "adapter_config.json"]),
+        "base": _digests(base_files),
+        "tokenizer": _digests([inputs.tok_src / n for n in TOKENIZER_FILES]),
+        "eval_text": _digests([options.eval_text]) if options.eval_text is not None else {},
+    }
+
+
+def parse_size(text: str | int) -> int:
+    """'2GB' -> 2_000_000_000 (decimal units like Hugging Face; KiB/MiB/GiB are binary)."""
+    if isinstance(text, int):
+        value = text
+    else:
+        match = _SIZE_RE.match(str(text))
+        if match is None:
+            raise Lora2ggufError(f"shard size {text!r} is not a size like 2GB, 500MB or 1GiB (merge.shard_size)")
+        value = int(float(match[1]) * _SIZE_UNITS[(match[2] or "B").upper()])
+    if value <= 0:
+        raise Lora2ggufError(f"shard size {text!r} must be positive (merge.shard_size)")
+    return value
+
+
+def _tokenizer_source(adapter: Path, base: Path) -> Path:
+    # LLaMA-Factory saves the tokenizer next to the adapter, with added tokens and its chat template.
+    if (adapter / "tokenizer_config.json").is_file() or (adapter / "tokenizer.json").is_file():
+        return adapter
+    return base
+
+
+def _copy_tokenizer(source: Path, dest: Path) -> list[str]:
+    """Copy tokenizer files byte for byte: re-serialising could drop a chat template or added tokens."""
+
+    copied = []
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, dest / name)
+            copied.append(name)
+    if not copied:
+        raise Lora2ggufError(f"{source}: no tokenizer files (tokenizer.json / tokenizer_config.json) found")
+    return copied
+
+
+def _chat_template_from_base(base: Path, dest: Path, warnings_out: list[str]) -> list[str]:
+    """The run's tokenizer has no chat template: keep the base's, so chat use still formats turns."""
+
+    template = None
+    if (base / "chat_template.jinja").is_file():
+        template = (base / "chat_template.jinja").read_text(encoding="utf-8")
+    elif (base / "tokenizer_config.json").is_file():
+        value = read_json(base / "tokenizer_config.json").get("chat_template")
+        template = value if isinstance(value, str) else None
+    if template is None:
+        return []
+    (dest / "chat_template.jinja").write_text(template, encoding="utf-8")
+    message = "the run's tokenizer has no chat template; the base's was kept (chat_template.jinja)"
+    warnings_out.append(message)
+    logger.warning("%s", message)
+    return ["chat_template.jinja (from base)"]
+
+
+def _separate_tied_embeddings_if_adapted(peft_model: Any, notes: list[str]) -> None:
+    """Give the output head its own tensor when LoRA adapts one side of a tied embedding.
+
+    Unmerged, a LoRA on embed_tokens changes only the input lookup while lm_head keeps using the
+    base matrix. Merging in place into the shared tensor would change lm_head as well, i.e. a
+    different model from the one trained (peft #2244, llama.cpp #9065); copying first keeps the
+    trained function, and the output is then written untied.
+    """
+    import torch
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    model = peft_model.get_base_model()
+    in_mod, out_mod = model.get_input_embeddings(), model.get_output_embeddings()
+    if in_mod is None or out_mod is None:
+        return
+    adapted = isinstance(in_mod, BaseTunerLayer) or isinstance(out_mod, BaseTunerLayer)
+    if not adapted or in_mod.weight is not out_mod.weight:
+        return
+    holder = out_mod.get_base_layer() if isinstance(out_mod, BaseTunerLayer) else out_mod
+    holder.weight = torch.nn.Parameter(in_mod.weight.detach().clone(), requires_grad=False)
+    notes.append("LoRA adapts a tied embedding: lm_head given its own copy before merging")
+    logger.info("%s", notes[-1])
+
+
+def _embedding_tying(model: Any, warnings_out: list[str]) -> dict[str, Any]:
+    """Keep tied embeddings tied when the merge left them equal; untie (and say so) when it did not.
+
+    With modules_to_save on embed_tokens / lm_head, peft trains two separate copies of what was one
+    tied matrix, so after the merge they can differ; keeping them tied would silently change the model.
+    """
+    import torch
+
+    config = model.config
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    tied_in = bool(getattr(text_config, "tie_word_embeddings", False))
+    info: dict[str, Any] = {"base_tied": tied_in, "output_tied": tied_in, "reason": None}
+    out_emb = model.get_output_embeddings()
+    if not tied_in or out_emb is None:
+        return info
+    in_w = model.get_input_embeddings().weight
+    out_w = out_emb.weight
+    if in_w is out_w or in_w.data_ptr() == out_w.data_ptr():
+        info["reason"] = "input and output embeddings share one tensor"
+        return info
+    if in_w.shape == out_w.shape and torch.equal(in_w, out_w):
+        out_emb.weight = in_w  # equal values: share them again so only one matrix is written
+        info["reason"] = "input and output embeddings equal after the merge; re-tied"
+        return info
+    text_config.tie_word_embeddings = False
+    config.tie_word_embeddings = False
+    info["output_tied"] = False
+    info["reason"] = (
+        "the adapter changed the input and output embeddings differently (separate modules_to_save copies "
+        "or LoRA on only one of them); they are written as two matrices and tie_word_embeddings=false"
+    )
+    warnings_out.append(info["reason"])
+    logger.warning("%s", info["reason"])
+    return info
+
+
+def _generation_config(model: Any, base: Path, tokenizer: Any, out: Path, notes: list[str]) -> None:
+    """Base generation config, with the tokenizer's EOS added so chat generation stops."""
+    from transformers import GenerationConfig
+
+    if (base / "generation_config.json").is_file():
+        gen = GenerationConfig.from_pretrained(base, local_files_only=True)
+    else:
+        gen = GenerationConfig.from_model_config(model.config)
+        notes.append("base has no generation_config.json; derived one from config.json")
+    eos = tokenizer.eos_token_id
+    if eos is not None:
+        current = gen.eos_token_id
+        ids = [] if current is None else ([current] if isinstance(current, int) else list(current))
+        if eos not in ids:
+            # LLaMA-Factory's chat templates often switch EOS (e.g. to <|im_end|>): without it generation never ends.
+            gen.eos_token_id = ids + [eos] if ids else eos
+            notes.append(f"generation_config eos_token_id {current} -> {gen.eos_token_id} (tokenizer EOS)")
+    if gen.pad_token_id is None and tokenizer.pad_token_id is not None:
+        gen.pad_token_id = tokenizer.pad_token_id
+    gen.save_pretrained(out)
+
+
+def _check_output_safetensors(folder: Path) -> dict[str, Any]:
+    """The written shards: names, sizes and metadata (which must carry nothing run-specific)."""
+    shards = sorted(folder.glob("*.safetensors"))
+    metadata = {}
+    for shard in shards:
+        meta = read_metadata(shard)
+        extra = {k: v for k, v in meta.items() if k != "format"}
+        if extra:
+            # Anything beyond the format tag (dates, paths, pids) would break byte-identical reruns.
+            raise Lora2ggufError(f"{shard}: unexpected safetensors metadata {extra} (breaks reproducibility)")
+        metadata[shard.name] = meta
+    return {
+        "files": [s.name for s in shards],
+        "sharded": len(shards) > 1,
+        "bytes": sum(s.stat().st_size for s in shards),
+        "metadata": metadata,
+    }
+
+
+def _normal_permissions(folder: Path) -> None:
+    """Files as the umask allows (the weights writer leaves 0600, unreadable for a shared cluster group)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for item in folder.iterdir():
+        if item.is_file():
+            item.chmod(0o666 & ~mask)
+
+
+def _release_memory() -> None:
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _saved_tensor_names(folder: Path) -> list[str]:
+    return [entry.name for shard in sorted(folder.glob("*.safetensors")) for entry in read_header(shard)]

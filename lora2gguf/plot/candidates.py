@@ -1,0 +1,87 @@
+"""The candidates plot: how the LoRA runs compare, read only from model_analysis.json."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lora2gguf.artifacts import read_json
+from lora2gguf.errors import Lora2ggufError
+from lora2gguf.plot.figures import pyplot, save_figure
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class CandidatesPlotOptions:
+    """What ``lora2gguf plot candidates`` was asked."""
+
+    analysis: Path
+    out: Path
+
+
+def draw_candidates(options: CandidatesPlotOptions) -> None:
+    """Read model_analysis.json and draw its plot; a malformed report names its file."""
+    analysis = read_json(options.analysis)
+    try:
+        plot_candidates(analysis, options.out)
+    except (KeyError, TypeError) as exc:
+        raise Lora2ggufError(f"{options.analysis}: missing or malformed key {exc}") from None
+
+
+def _final_losses(bars: Any, analysis: dict[str, Any]) -> None:
+    """Left panel: the ranking metric and the training loss of every candidate, best marked."""
+    metric = analysis["metric"]
+    names = analysis["ranking"]
+    entries = analysis["candidates"]
+    eval_values = [entries[n]["metrics"].get(metric) for n in names]
+    train_values = [entries[n]["metrics"].get("train_loss") for n in names]
+    positions = range(len(names))
+    width = 0.38
+    bars.bar([p - width / 2 for p in positions], eval_values, width, label=metric)
+    bars.bar(
+        [p + width / 2 for p in positions],
+        [v if v is not None else 0.0 for v in train_values],
+        width,
+        label="train_loss",
+    )
+    for p, value in zip(positions, eval_values):
+        bars.annotate(f"{value:.4f}", (p - width / 2, value), ha="center", va="bottom", fontsize=8)
+    bars.set_xticks(list(positions))
+    bars.set_xticklabels(
+        [f"{n}\n(best)" if n == analysis["best"] else n for n in names], fontsize=8
+    )
+    bars.set_ylabel("loss (nats per token)")
+    bars.set_title(f"Final losses, ranked by {metric} ({analysis['mode']} is best)")
+    bars.legend()
+
+
+def _training_curves(curves: Any, analysis: dict[str, Any]) -> None:
+    """Right panel: train and eval loss over the optimizer steps of every candidate."""
+    for name in analysis["ranking"]:
+        series = analysis["candidates"][name]["curves"]
+        if series.get("loss"):
+            steps, losses = zip(*series["loss"])
+            (line,) = curves.plot(steps, losses, label=f"{name} train")
+            if series.get("eval_loss"):
+                e_steps, e_losses = zip(*series["eval_loss"])
+                curves.plot(e_steps, e_losses, "o--", color=line.get_color(), label=f"{name} eval")
+    curves.set_xlabel("optimizer step")
+    curves.set_ylabel("loss (nats per token)")
+    curves.set_title("Training curves from trainer_state.json log_history")
+    if curves.lines:
+        curves.legend(fontsize=7)
+    else:
+        curves.text(0.5, 0.5, "no log_history recorded", ha="center", transform=curves.transAxes)
+
+
+def plot_candidates(analysis: dict[str, Any], out: Path) -> None:
+    plt = pyplot()
+    fig, (bars, curves) = plt.subplots(1, 2, figsize=(12, 4.5))
+    _final_losses(bars, analysis)
+    _training_curves(curves, analysis)
+    fig.suptitle("LoRA candidates")
+    save_figure(fig, out)
+    logger.info("wrote %s", out)

@@ -1,0 +1,468 @@
+"""Which ggml type each tensor gets: llama.cpp's per-tensor recipe for a file type.
+
+Written from a reading of llama.cpp's ``src/llama-quant.cpp`` (``tensor_allows_quantization``,
+``llama_tensor_get_type_impl``, ``tensor_type_fallback``, the tensor order of
+``llama_model_loader``), restricted to the file types in :mod:`lora2gguf.quantize.types` and the
+non-imatrix path. The plan is pure data: no tensor bytes are read here.
+
+The rules that matter for the models this project makes:
+
+* only tensors with at least two (non-trivial) dimensions whose name ends in ``weight`` are
+  quantized; norms, biases and other 1-D tensors keep their type (F32);
+* the output head (``output.weight``, or ``token_embd.weight`` when there is no
+  ``output.weight``: tied embeddings) gets Q6_K, or Q8_0 when its row length is not a multiple
+  of the default type's block size (or when the file type is Q8_0 already);
+* ``attn_v`` and ``ffn_down`` get Q6_K in the layers where ``use_more_bits`` holds for
+  Q4_K_M / Q5_K_M, Q5_K in the first layers for Q4_K_S;
+* a tensor whose row length (ne[0]) is not a multiple of the chosen type's block size falls
+  back: Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, and to F16 when 32 does not divide it either.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import gguf
+
+from lora2gguf.errors import Lora2ggufError
+from lora2gguf.quantize.types import FILE_TYPES, TENSOR_TYPES, canonical_type
+
+logger = logging.getLogger(__name__)
+
+# ggml block size (weights per block) and bytes per block of every type we read or write, from
+# gguf-py's table; other ggml types are refused.
+BLOCK: dict[str, tuple[int, int]] = {
+    name: gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[name]]
+    for name in (
+        "F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_K"
+    )
+}
+FLOAT_TYPES = frozenset({"F32", "F16", "BF16", "F64"})
+# Types that are neither float nor quantized (integer tensors): never requantized, just copied.
+INTEGER_TYPES = frozenset({"I8", "I16", "I32", "I64"})
+
+# What a K-quant that does not fit a row length becomes (llama.cpp's tensor_type_fallback).
+_FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0", "Q2_K": "Q4_0", "Q3_K": "Q4_0"}
+
+# Architectures and layer counts for which llama.cpp's loader reports a 70B model; only that
+# size changes the recipe (attn_v Q4_K -> Q5_K). "llama" needs grouped-query attention too.
+_SEVENTY_B_LAYERS = {"llama": 80, "qwen2": 80, "deci": 80, "olmo": 80, "jais2": 68}
+
+# Substrings of tensor names that llama.cpp never quantizes (small or index-like tensors).
+_NEVER_QUANTIZED_PARTS = (
+    "_norm.weight",
+    "ffn_gate_inp.weight",
+    "ffn_gate_tid2eid.weight",
+    "altup",
+    "laurel",
+    "per_layer_model_proj",
+    "ssm_conv1d",
+    "shortconv.conv.weight",
+    "indexer.k_proj.weight",
+    "indexer.q_proj.weight",
+    "time_mix_first.weight",
+    "time_mix_w0.weight",
+    "time_mix_w1.weight",
+    "time_mix_w2.weight",
+    "time_mix_v0.weight",
+    "time_mix_v1.weight",
+    "time_mix_v2.weight",
+    "time_mix_a0.weight",
+    "time_mix_a1.weight",
+    "time_mix_a2.weight",
+    "time_mix_g1.weight",
+    "time_mix_g2.weight",
+    "time_mix_decay_w1.weight",
+    "time_mix_decay_w2.weight",
+    "time_mix_lerp_fused.weight",
+    "attn_rel_b.weight",
+    ".position_embd",
+    "sam.pos_embd",
+    "sam.neck.",
+    "sam.net_",
+    ".rel_pos",
+    ".patch_embd",
+    ".patch_merger",
+    "a.rvq.codebook",
+    "mm.a.code_embd",
+)
+_NEVER_QUANTIZED_NAMES = frozenset({"position_embd.weight", "token_types.weight"})
+
+_LAYER_RE = re.compile(r"^blk\.(-?\d+)\.")
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A tensor as the recipe sees it: name, ggml shape (ne[0] = row length first) and type."""
+
+    name: str
+    shape: tuple[int, ...]
+    src_type: str
+
+    @property
+    def n_dims(self) -> int:
+        # ggml_n_dims: trailing dimensions of size 1 do not count.
+        dims = 1
+        for i, n in enumerate(self.shape):
+            if n > 1:
+                dims = i + 1
+        return dims
+
+    @property
+    def n_elements(self) -> int:
+        total = 1
+        for n in self.shape:
+            total *= int(n)
+        return total
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """The few hyper-parameters the recipe depends on, read from the GGUF metadata."""
+
+    arch: str
+    n_layer: int
+    n_expert: int = 0
+    n_head: int = 0
+    n_head_kv: int = 0
+
+    @property
+    def is_70b(self) -> bool:
+        if _SEVENTY_B_LAYERS.get(self.arch) != self.n_layer:
+            return False
+        if self.arch == "llama":
+            return self.n_expert != 8 and self.n_head != self.n_head_kv
+        return True
+
+    @classmethod
+    def from_metadata(cls, meta: Mapping[str, Any], source: str = "<input>") -> ModelInfo:
+        arch = meta.get("general.architecture")
+        if not isinstance(arch, str) or not arch:
+            raise Lora2ggufError(f"{source}: metadata key general.architecture is missing")
+        n_layer = meta.get(f"{arch}.block_count")
+        if not isinstance(n_layer, int):
+            raise Lora2ggufError(f"{source}: metadata key {arch}.block_count is missing")
+
+        def as_int(key: str) -> int:
+            value = meta.get(key, 0)
+            if isinstance(value, (list, tuple)):  # per-layer arrays: the first layer decides here
+                value = value[0] if value else 0
+            return int(value or 0)
+
+        return cls(
+            arch=arch,
+            n_layer=n_layer,
+            n_expert=as_int(f"{arch}.expert_count"),
+            n_head=as_int(f"{arch}.attention.head_count"),
+            n_head_kv=as_int(f"{arch}.attention.head_count_kv"),
+        )
+
+
+@dataclass
+class TensorChoice:
+    """The decision for one tensor, with the reason, as reported in the sidecar."""
+
+    name: str
+    shape: list[int]
+    src_type: str
+    dst_type: str
+    rule: str
+    fallback: dict[str, Any] | None = None
+
+    @property
+    def converts(self) -> bool:
+        return self.src_type != self.dst_type
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class Plan:
+    """Every tensor's type, in the order llama.cpp writes them."""
+
+    file_type: str
+    llama_ftype: int
+    default_type: str
+    tied_embeddings: bool
+    choices: list[TensorChoice] = field(default_factory=list)
+
+    @property
+    def fallbacks(self) -> list[TensorChoice]:
+        return [c for c in self.choices if c.fallback is not None]
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for c in self.choices:
+            out[c.dst_type] = out.get(c.dst_type, 0) + 1
+        return dict(sorted(out.items()))
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+
+def block_size(type_name: str) -> int:
+    try:
+        return BLOCK[type_name][0]
+    except KeyError:
+        raise Lora2ggufError(f"ggml type {type_name} is not supported by lora2gguf quantize") from None
+
+
+def row_bytes(type_name: str, n_per_row: int) -> int:
+    blk, size = BLOCK[type_name]
+    return n_per_row // blk * size
+
+
+def tensor_bytes(type_name: str, shape: Iterable[int]) -> int:
+    dims = [int(n) for n in shape]
+    rows = 1
+    for n in dims[1:]:
+        rows *= n
+    return rows * row_bytes(type_name, dims[0])
+
+
+def is_quantized(type_name: str) -> bool:
+    return type_name not in FLOAT_TYPES and type_name not in INTEGER_TYPES
+
+
+def use_more_bits(i_layer: int, n_layers: int) -> bool:
+    """llama.cpp's choice of the layers that get more bits: the first and last eighth, and every
+    third layer in between (C integer division; the modulo is only reached for i >= n/8)."""
+    eighth = n_layers // 8
+    return i_layer < eighth or i_layer >= 7 * n_layers // 8 or (i_layer - eighth) % 3 == 2
+
+
+def _layer_of(name: str) -> int:
+    match = _LAYER_RE.match(name)
+    return int(match.group(1)) if match else -1
+
+
+def llama_order(specs: Iterable[TensorSpec]) -> list[TensorSpec]:
+    """The order llama.cpp's model loader keeps tensors in (and so writes them): by block number
+    (non-block tensors first), then by name (byte order)."""
+    return sorted(specs, key=lambda s: (_layer_of(s.name), s.name.encode("utf-8")))
+
+
+def allows_quantization(spec: TensorSpec) -> bool:
+    if spec.n_dims < 2 or not spec.name.endswith("weight"):
+        return False
+    if spec.name in _NEVER_QUANTIZED_NAMES:
+        return False
+    return not any(part in spec.name for part in _NEVER_QUANTIZED_PARTS)
+
+
+def _category(name: str) -> str:
+    if name == "output.weight":
+        return "output"
+    if name in ("token_embd.weight", "per_layer_token_embd.weight"):
+        return "token_embd"
+    for part, cat in (
+        ("attn_qkv.weight", "attn_qkv"),
+        ("attn_kv_b.weight", "attn_kv_b"),
+        ("attn_v.weight", "attn_v"),
+        ("attn_k.weight", "attn_k"),
+        ("attn_q.weight", "attn_q"),
+        ("attn_output.weight", "attn_output"),
+        ("ffn_up", "ffn_up"),
+        ("ffn_gate", "ffn_gate"),
+        ("ffn_down", "ffn_down"),
+    ):
+        if part in name:
+            return cat
+    return "other"
+
+
+_ATTN_V_LIKE = frozenset({"attn_v", "attn_qkv", "attn_kv_b"})
+
+
+def _checked_type(kind: str, type_name: str | None) -> str | None:
+    if type_name is None:
+        return None
+    upper = type_name.strip().upper()
+    if upper not in TENSOR_TYPES:
+        raise Lora2ggufError(f"{kind} {type_name!r} is not supported; supported: {', '.join(TENSOR_TYPES)}")
+    return upper
+
+
+# ---------------------------------------------------------------------------------------------
+# the recipe
+
+
+class _Counters:
+    """Running state of llama.cpp's quantize_state_impl that the recipe reads."""
+
+    def __init__(self, specs: list[TensorSpec], model: ModelInfo, has_imatrix: bool = False) -> None:
+        self.has_imatrix = has_imatrix
+        self.n_attention_wv = sum(1 for s in specs if _category(s.name) in _ATTN_V_LIKE)
+        self.i_attention_wv = 0
+        self.n_ffn_down = model.n_layer
+        self.i_ffn_down = 0
+        self.tied = not any(s.name == "output.weight" for s in specs)
+
+
+def _layer_info(counter: int, n_layer: int, name: str, model: ModelInfo) -> tuple[int, int]:
+    # With experts the counter is not the layer (experts are not consecutive): parse the name.
+    if model.n_expert > 1:
+        layer = _layer_of(name)
+        if not 0 <= layer < n_layer:
+            raise Lora2ggufError(
+                f"tensor {name}: cannot determine its layer (expected blk.N. with N < {n_layer})"
+            )
+        return layer, n_layer
+    return counter, n_layer
+
+
+def _mixture_type(
+    spec: TensorSpec,
+    cat: str,
+    new_type: str,
+    ftype: str,
+    model: ModelInfo,
+    st: _Counters,
+    output_type: str | None,
+) -> tuple[str, str]:
+    """llama_tensor_get_type_impl for our file types; returns (type, rule)."""
+    falcon = model.arch == "falcon"
+    if cat == "output" or (st.tied and cat == "token_embd"):
+        what = "output head" if cat == "output" else "tied token embedding (output head)"
+        if output_type is not None:
+            return output_type, f"{what}: --output-tensor-type"
+        if falcon:
+            return "Q8_0", f"{what}: Q8_0 (falcon)"
+        if spec.shape[0] % block_size(new_type) != 0:
+            return (
+                "Q8_0",
+                f"{what}: Q8_0 (row length {spec.shape[0]} not a multiple of {block_size(new_type)})",
+            )
+        if new_type != "Q8_0":
+            return "Q6_K", f"{what}: Q6_K"
+        return new_type, f"{what}: Q8_0"
+    if cat == "token_embd":
+        return new_type, "token embedding (untied): default type"
+    if cat in _ATTN_V_LIKE:
+        i, n = st.i_attention_wv, st.n_attention_wv
+        rule = "default type"
+        if ftype in ("Q4_K_M", "Q5_K_M") and use_more_bits(i, n):
+            new_type, rule = "Q6_K", f"use_more_bits({i}, {n}): Q6_K"
+        elif ftype == "Q4_K_S" and i < 4:
+            new_type, rule = "Q5_K", f"{cat} #{i} < 4: Q5_K"
+        if model.is_70b and new_type in ("Q3_K", "Q4_K"):
+            new_type, rule = "Q5_K", "70B model: attn_v Q5_K"
+        if model.n_expert == 8:
+            new_type, rule = "Q8_0", "8-expert model: attn_v Q8_0"
+        st.i_attention_wv += 1
+        return new_type, rule
+    if cat == "attn_k":
+        if model.n_expert == 8:
+            return "Q8_0", "8-expert model: attn_k Q8_0"
+        return new_type, "default type"
+    if cat == "ffn_down":
+        i, n = _layer_info(st.i_ffn_down, st.n_ffn_down, spec.name, model)
+        rule = "default type"
+        if ftype == "Q4_K_M":
+            if falcon:
+                if i < n // 16:
+                    new_type, rule = "Q6_K", f"falcon layer {i} < {n}/16: Q6_K"
+                elif use_more_bits(i, n):
+                    new_type, rule = "Q5_K", f"falcon use_more_bits({i}, {n}): Q5_K"
+                else:
+                    new_type = "Q4_K"
+            elif use_more_bits(i, n):
+                new_type, rule = "Q6_K", f"use_more_bits({i}, {n}): Q6_K"
+        elif ftype == "Q5_K_M" and use_more_bits(i, n):
+            new_type, rule = "Q6_K", f"use_more_bits({i}, {n}): Q6_K"
+        elif ftype == "Q4_K_S" and not falcon and i < n // 8:
+            new_type, rule = "Q5_K", f"layer {i} < {n}/8: Q5_K"
+        elif ftype in ("Q4_0", "Q5_0") and st.has_imatrix and i < n // 8:
+            # llama.cpp guards the first ffn_down layers when (and only when) an imatrix is given
+            new_type = "Q4_1" if ftype == "Q4_0" else "Q5_1"
+            rule = f"imatrix, layer {i} < {n}/8: {new_type}"
+        st.i_ffn_down += 1
+        return new_type, rule
+    if cat == "attn_output":
+        if not falcon and model.n_expert == 8 and ftype in ("Q4_K_S", "Q4_K_M"):
+            return "Q5_K", "8-expert model: attn_output Q5_K"
+        return new_type, "default type"
+    return new_type, "default type"
+
+
+def _fallback(spec: TensorSpec, wanted: str) -> tuple[str, dict[str, Any] | None]:
+    ncols = spec.shape[0]
+    blk = block_size(wanted)
+    if ncols % blk == 0:
+        return wanted, None
+    used = _FALLBACK.get(wanted, wanted if blk <= 32 else None)
+    if used is None:
+        raise Lora2ggufError(f"tensor {spec.name}: no fallback type is defined for {wanted}")
+    reason = f"row length {ncols} is not a multiple of {blk} ({wanted} block size)"
+    if ncols % block_size(used) != 0:
+        reason += f", nor of {block_size(used)} ({used})"
+        used = "F16"
+    return used, {"wanted": wanted, "used": used, "reason": reason}
+
+
+def plan_types(
+    specs: Iterable[TensorSpec],
+    model: ModelInfo,
+    file_type: str,
+    *,
+    output_tensor_type: str | None = None,
+    token_embedding_type: str | None = None,
+    pure: bool = False,
+    has_imatrix: bool = False,
+) -> Plan:
+    """Decide every tensor's type the way ``llama_model_quantize`` does (no overrides by pattern;
+    ``has_imatrix`` as when importance data is given); tensors come back in llama.cpp's write order."""
+    ftype = canonical_type(file_type)
+    info = FILE_TYPES[ftype]
+    default = info.default_tensor_type
+    output_type = _checked_type("--output-tensor-type", output_tensor_type)
+    embd_type = _checked_type("--token-embedding-type", token_embedding_type)
+
+    ordered = llama_order(specs)
+    names = [s.name for s in ordered]
+    if len(set(names)) != len(names):
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise Lora2ggufError(f"duplicate tensor names in the input: {', '.join(dup)}")
+    st = _Counters(ordered, model, has_imatrix)
+    plan = Plan(file_type=ftype, llama_ftype=info.llama_ftype, default_type=default, tied_embeddings=st.tied)
+
+    for spec in ordered:
+        shape = [int(n) for n in spec.shape]
+        if not allows_quantization(spec):
+            why = "1-D tensor kept" if spec.n_dims < 2 else "not quantized by llama.cpp (name rule) kept"
+            plan.choices.append(TensorChoice(spec.name, shape, spec.src_type, spec.src_type, why))
+            continue
+        if spec.src_type in INTEGER_TYPES:
+            plan.choices.append(
+                TensorChoice(spec.name, shape, spec.src_type, spec.src_type, "integer tensor kept")
+            )
+            continue
+        cat = _category(spec.name)
+        forced: tuple[str, str] | None = None
+        if embd_type is not None and cat == "token_embd":
+            forced = (embd_type, "--token-embedding-type")
+        elif output_type is not None and cat == "output":
+            forced = (output_type, "--output-tensor-type")
+        if forced is not None:
+            # llama.cpp applies these verbatim (no fallback); a row length they do not fit is an error.
+            if shape[0] % block_size(forced[0]) != 0:
+                raise Lora2ggufError(
+                    f"tensor {spec.name}: {forced[1]} {forced[0]} needs a row length that is a multiple of "
+                    f"{block_size(forced[0])}, got {shape[0]}"
+                )
+            plan.choices.append(TensorChoice(spec.name, shape, spec.src_type, forced[0], forced[1]))
+            continue
+        new_type, rule = default, "default type (--pure)" if pure else "default type"
+        if not pure:
+            new_type, rule = _mixture_type(spec, cat, default, ftype, model, st, output_type)
+        final, fb = _fallback(spec, new_type)
+        if fb is not None:
+            logger.debug("%s: %s -> falling back to %s", spec.name, fb["reason"], final)
+        plan.choices.append(TensorChoice(spec.name, shape, spec.src_type, final, rule, fb))
+    return plan
