@@ -1,14 +1,16 @@
 """The workflow on a real (single-node) SLURM cluster through the user-facing profile.
 
 tests/slurm/cluster.sh starts slurmctld + slurmd on this machine with partitions `cpu` and `gpu` (two fake
-GPUs as generic resources). The tiny config then runs through
+GPUs as generic resources). The tiny config then runs from the project root, through the command a user
+types plus the test profile:
 
-    snakemake --profile profiles/slurm --profile tests/slurm/profile
+    snakemake --profile slurm --profile tests/slurm/profile -d <workdir>
 
-(the second profile only swaps the site placeholders for the test cluster and polls with squeue; the GPU and
-memory requests are profiles/slurm's own). Checked: every non-local job was a SLURM job that completed on the
-partition its rule asks for, the GPU rules with a GPU allocated; the local rules were not submitted; the
-artifacts are byte-identical to a local run's; a failing job fails the run with a non-zero exit, no hang.
+(`slurm` is the root's symlink to profiles/slurm; the second profile only swaps the site placeholders for the
+test cluster and polls with squeue; the GPU and memory requests are profiles/slurm's own). Checked: every
+non-local job was a SLURM job that completed on the partition its rule asks for, the GPU rules with a GPU
+allocated; the local rules were not submitted; the artifacts are byte-identical to a local run's; a failing
+job fails the run with a non-zero exit, no hang, after every failed job got its one retry with doubled memory.
 """
 
 from __future__ import annotations
@@ -36,7 +38,9 @@ logger = logging.getLogger(__name__)
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 CLUSTER_SH = ROOT / "tests/slurm/cluster.sh"
-PROFILES = [ROOT / "profiles/slurm", ROOT / "tests/slurm/profile"]
+# As typed in the project root: `slurm` is found there (Snakemake looks a profile name up in the current
+# directory before ~/.config/snakemake), so the SLURM runs start in ROOT and `-d` points at their workdir.
+PROFILES = ["slurm", "tests/slurm/profile"]
 
 # Rules the profile sends to the gpu partition with one GPU; every other submitted rule goes to `cpu`.
 GPU_RULES = {"merge_adapter", "compute_imatrix", "test_merged_model", "compare_models"}
@@ -98,7 +102,7 @@ class Started:
 
 
 def start_workflow(workdir: Path, *args: str, slurm: bool, timeout: int = RUN_TIMEOUT_S) -> Started:
-    """Start the project's Snakefile in workdir, through the SLURM profiles or locally (output to a file)."""
+    """Start the project's Snakefile on workdir, through the SLURM profiles or locally (output to a file)."""
     env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
     # The plugin warns and cleans up when it finds itself inside a SLURM job; never inherit one.
     for key in [k for k in env if k.startswith("SLURM_")]:
@@ -113,7 +117,11 @@ def start_workflow(workdir: Path, *args: str, slurm: bool, timeout: int = RUN_TI
     log = workdir.parent / f"{workdir.name}.snakemake.out"
     with log.open("wb") as sink:
         proc = subprocess.Popen(
-            ["timeout", "-k", "30", str(timeout), *cmd], cwd=workdir, env=env, stdout=sink, stderr=subprocess.STDOUT
+            ["timeout", "-k", "30", str(timeout), *cmd],
+            cwd=ROOT if slurm else workdir,
+            env=env,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
         )
     return Started(workdir, slurm, proc, log, time.monotonic())
 
@@ -308,7 +316,7 @@ def _stable(obj: object) -> object:
     return obj
 
 
-def test_failing_job_fails_the_run_without_hanging(slurm_run: Run, tmp_path: Path) -> None:
+def test_failing_job_fails_the_run_without_hanging(slurm_run: Run, tiny_cfg: dict, tmp_path: Path) -> None:
     workdir = tmp_path / "broken"
     shutil.copytree(slurm_run.workdir, workdir, symlinks=True)
     best = json.loads((workdir / "results/model_analysis.json").read_text())["best"]
@@ -322,14 +330,18 @@ def test_failing_job_fails_the_run_without_hanging(slurm_run: Run, tmp_path: Pat
     assert "Error in rule quantize_gguf" in run.output, run.output[-4000:]
     failed = re.findall(r"SLURM-job '(\d+)' failed, SLURM status is: '(\w+)'", run.output)
     assert failed, run.output[-4000:]
-    memory = {}
-    for job_id, state in failed:
+    memory: dict[str, list[str]] = {}
+    for job_id, state in sorted(failed, key=lambda f: int(f[0])):  # in submission order
         assert state == "FAILED", state
         info = slurm_job(job_id)
         assert info["JobState"] == "FAILED" and info["Comment"].startswith("rule_quantize_gguf"), info
         memory.setdefault(info["Comment"], []).append(re.search(r"mem=(\d+)M", info["TRES"]).group(1))
-    # profiles/slurm retries a failed job once, with its memory request doubled (`* attempt`).
+    # Every quantize job (one per configured type) read the corrupt file and failed; profiles/slurm retried
+    # each once with its memory request doubled (`* attempt`). Its `keep-going` is what gives every job that
+    # retry: without it, a job whose first failure came in the same status check as another job's second one
+    # was never resubmitted.
+    assert len(memory) == len(tiny_cfg["quantize"]["types"]), memory
     for comment, mems in memory.items():
-        assert sorted(mems, key=int) == ["2000", "4000"], (comment, mems)
+        assert mems == ["2000", "4000"], (comment, mems)
     # Nothing downstream of the failure was built or left half-written.
     assert not list(f16.parent.glob(".*tmp*")), list(f16.parent.iterdir())
