@@ -2,6 +2,9 @@ import json
 import shlex
 from pathlib import Path
 
+from snakemake.common.configfile import load_configfile
+from snakemake.logging import logger
+
 from lora2gguf.layout import (
     BENCHMARKS,
     CANDIDATES_PLOT,
@@ -48,10 +51,118 @@ def quant_tags():
     ]
 
 
-wildcard_constraints:
-    model="|".join(sorted(config["candidates"])),
-    q="|".join(quant_tags()),
-    run="|".join(sorted(config["demo"].get("runs", {}))) or "(?!)",
+def config_sources():
+    """(name, values) of each config source in the order Snakemake merged them, the last one
+    winning: config.yaml (unless --replace-workflow-config), each --configfile, then --config.
+    """
+    settings = workflow.config_settings
+    given = [Path(path) for path in settings.configfiles]
+    sources = []
+    if not (settings.replace_workflow_config and settings.overwrite_config):
+        sources += [
+            (str(path), load_configfile(path))
+            for path in workflow.configfiles
+            if Path(path).absolute() not in given
+        ]
+    sources += [(shown_path(path), load_configfile(path)) for path in given]
+    if settings.config:
+        sources.append(("--config", dict(settings.config)))
+    return sources
+
+
+def shown_path(path):
+    """A config file as the user would name it: relative to the working directory when inside it."""
+    try:
+        return str(Path(path).relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def config_error(keys, problem, missing=False):
+    """``<file>: <key>: <problem>``, naming the file that set the key (the last one: it won the
+    merge) or, for a missing key, the last file given: where the user would add it."""
+    sources = [name for name, _ in config_sources() if name != "--config"]
+    where = sources[-1] if sources else "config.yaml"
+    if not missing:
+        for name, values in reversed(config_sources()):
+            if has_key(values, keys):
+                where = name
+                break
+    return ValueError(f"{where}: {'.'.join(keys)}: {problem}")
+
+
+def has_key(values, keys):
+    for key in keys:
+        if not isinstance(values, dict) or key not in values:
+            return False
+        values = values[key]
+    return True
+
+
+def own_candidates():
+    """The candidates of the last config source that names any, or None. Snakemake merges a
+    --configfile into config.yaml key by key; taken as is, candidates written in config.yaml would
+    join those of your own file, so the last file naming candidates decides which ones run.
+    """
+    for name, values in reversed(config_sources()):
+        named = values.get("candidates") if isinstance(values, dict) else None
+        if named:
+            dropped = sorted(set(config.get("candidates", {})) - set(named))
+            if dropped:
+                logger.info(
+                    f"left out candidates {', '.join(dropped)}: {name} names its own"
+                )
+            return {key: config["candidates"][key] for key in named}
+    return None
+
+
+def apply_demo_defaults():
+    """The demo supplies its runs as candidates and its own held-out and training texts, but only
+    while it is enabled and no config names a candidate: a config of your own never picks up the
+    demo's runs, nor scores or calibrates your models on the demo's text."""
+    candidates = own_candidates()
+    if candidates or not config["demo"]["enabled"]:
+        config["candidates"] = candidates or {}
+        return
+    config["candidates"] = {
+        name: {"base": run["base"], "run": DEMO_RUN.format(run=name)}
+        for name, run in config["demo"].get("runs", {}).items()
+    }
+    config["evaluation"].setdefault("text", DEMO_EVAL_TEXT)
+    if "calibration" in config:
+        config["calibration"].setdefault("text", DEMO_TRAIN_TEXT)
+
+
+def check_required_keys():
+    """Keys the demo fills in for itself that a config of your own must name."""
+    if not config["candidates"]:
+        raise config_error(
+            ("candidates",),
+            "none named; name your LoRA runs (base, run) there (the demo's runs are the "
+            "candidates only while demo.enabled is true and no candidate is named)",
+            missing=True,
+        )
+    if not config["evaluation"].get("text"):
+        raise config_error(
+            ("evaluation", "text"),
+            "missing; name a held-out text file (the demo's is used only for its own candidates)",
+            missing=True,
+        )
+    if not uses_imatrix():
+        return
+    if "calibration" not in config:
+        raise config_error(
+            ("calibration",),
+            "required when a quantize.types entry has imatrix: true",
+            missing=True,
+        )
+    if not config["calibration"].get("text"):
+        raise config_error(
+            ("calibration", "text"),
+            "missing; a quantize.types entry has imatrix: true, so name an in-domain text "
+            "(e.g. the fine-tuning data) or drop imatrix: true",
+            missing=True,
+        )
 
 
 def is_demo_path(path):
@@ -64,33 +175,38 @@ def check_config_paths():
     """Fail before any job runs when a configured path is missing, naming its key."""
     keyed = {}
     for name, cand in config["candidates"].items():
-        keyed[f"candidates.{name}.base"] = cand["base"]
-        keyed[f"candidates.{name}.run"] = cand["run"]
-    keyed["evaluation.text"] = config["evaluation"]["text"]
+        keyed["candidates", name, "base"] = cand["base"]
+        keyed["candidates", name, "run"] = cand["run"]
+    keyed["evaluation", "text"] = config["evaluation"]["text"]
     if uses_imatrix():
-        if "calibration" not in config:
-            raise ValueError(
-                "config.yaml: calibration: required when a quantize.types entry has imatrix: true"
-            )
-        keyed["calibration.text"] = config["calibration"]["text"]
+        keyed["calibration", "text"] = config["calibration"]["text"]
         if (
-            Path(keyed["calibration.text"]).resolve()
-            == Path(keyed["evaluation.text"]).resolve()
+            Path(keyed["calibration", "text"]).resolve()
+            == Path(keyed["evaluation", "text"]).resolve()
         ):
-            raise ValueError(
-                "config.yaml: calibration.text: is evaluation.text; the comparison would score "
-                "the imatrix files on their own calibration data"
+            raise config_error(
+                ("calibration", "text"),
+                "is evaluation.text; the comparison would score "
+                "the imatrix files on their own calibration data",
             )
-    for key, path in keyed.items():
+    for keys, path in keyed.items():
         if not is_demo_path(path) and not Path(path).exists():
-            raise ValueError(f"config.yaml: {key}: path '{path}' does not exist")
+            raise config_error(keys, f"path '{path}' does not exist")
 
 
 def uses_imatrix():
     return any(t.endswith("-imat") for t in quant_tags())
 
 
+apply_demo_defaults()
+check_required_keys()
 check_config_paths()
+
+
+wildcard_constraints:
+    model="|".join(sorted(config["candidates"])),
+    q="|".join(quant_tags()),
+    run="|".join(sorted(config["demo"].get("runs", {}))) or "(?!)",
 
 
 def folder_inputs(path, names=None):

@@ -1,5 +1,6 @@
 # The embedded demo's inputs under resources/demo/ (built only when config points there).
-# Runs are defined in config.yaml under demo.runs: name -> {base, r, alpha, lr, steps, ...}.
+# Runs are defined in config.yaml under demo.runs: name -> {base, r, alpha, lr, steps, ...}; while the
+# demo is enabled and no candidate is named, they are the candidates (rules/common.smk, apply_demo_defaults).
 
 
 rule build_demo_data:

@@ -25,7 +25,13 @@ def broken(change: str) -> dict:
     elif change == "missing_section":
         del config["selection"]
     elif change == "missing_path":
-        pass  # the demo paths do not exist once the demo is switched off
+        # The demo's paths written into the config as your own: nothing builds them once the demo is off.
+        config["candidates"] = {
+            name: {"base": run["base"], "run": f"resources/demo/runs/{name}"}
+            for name, run in config["demo"]["runs"].items()
+        }
+        config["evaluation"]["text"] = "resources/demo/data/eval.txt"
+        config["calibration"]["text"] = "resources/demo/data/train.txt"
     return config
 
 
