@@ -15,6 +15,7 @@ import numpy as np
 
 from lora2gguf.errors import Lora2ggufError
 from lora2gguf.artifacts import read_json
+from lora2gguf.formats.safetensors import read_header
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +96,7 @@ def load(
     allow_pickle: bool = False,
 ) -> tuple[Any, Any]:
     """Model in eval mode on ``device`` plus its tokenizer, from local files only."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     check_model_dir(model_dir, allow_pickle)
@@ -111,9 +113,21 @@ def load(
         )
     except (OSError, ValueError) as exc:
         raise Lora2ggufError(f"{model_dir}: cannot load model/tokenizer: {exc}") from exc
+    except SafetensorError as exc:
+        raise _corrupt_weights(model_dir, exc) from exc
     model.to(device)
     model.eval()
     return model, tokenizer
+
+
+def _corrupt_weights(model_dir: Path, exc: Exception) -> Lora2ggufError:
+    """The safetensors library says what is wrong but not in which file: our reader names the part."""
+    for part in sorted(model_dir.glob("*.safetensors")):
+        try:
+            read_header(part)
+        except Lora2ggufError as found:
+            return found
+    return Lora2ggufError(f"{model_dir}: cannot load the safetensors weights: {exc}")
 
 
 def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
@@ -131,6 +145,36 @@ def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
     return sorted(ids)
 
 
+def _template_source(tokenizer: Any) -> str:
+    """The file the chat template came from, for messages (transformers 5 saves chat_template.jinja)."""
+    folder = Path(str(getattr(tokenizer, "name_or_path", "") or "."))
+    for name in ("chat_template.jinja", "tokenizer_config.json"):
+        if (folder / name).is_file():
+            return str(folder / name)
+    return f"{folder}: chat template"
+
+
+def _render_chat(tokenizer: Any, text: str) -> str:
+    """One user turn through the model's chat template. The template is input like any other file:
+    one that raises (raise_exception, a syntax error, an undefined name, an operation on the wrong
+    type) or that jinja2's sandbox stops is an error naming the file, not a traceback."""
+    import jinja2
+
+    try:
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
+        )
+    except jinja2.exceptions.SecurityError as exc:
+        raise Lora2ggufError(
+            f"{_template_source(tokenizer)}: the chat template was stopped by jinja2's sandbox ({exc})"
+        ) from exc
+    except (jinja2.TemplateError, ArithmeticError, LookupError, TypeError, ValueError) as exc:
+        raise Lora2ggufError(
+            f"{_template_source(tokenizer)}: the chat template fails on the test prompt {text[:40]!r} "
+            f"({type(exc).__name__}: {exc})"
+        ) from exc
+
+
 def chat_prompt_ids(tokenizer: Any, text: str) -> tuple[list[int], bool]:
     """Token ids of one user turn with the chat template applied and the assistant turn opened.
 
@@ -138,9 +182,7 @@ def chat_prompt_ids(tokenizer: Any, text: str) -> tuple[list[int], bool]:
     reports it.
     """
     if getattr(tokenizer, "chat_template", None):
-        rendered = tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
-        )
+        rendered = _render_chat(tokenizer, text)
         # The template already holds any BOS/special tokens: do not add them twice.
         ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]
         return [int(i) for i in ids], True

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lora2gguf.artifacts import read_json, sha256_file, write_json
+from lora2gguf.artifacts import Output, check_paths, read_json, sha256_file, write_json
 from lora2gguf.errors import Lora2ggufError
 from lora2gguf.provenance import build_report
 
@@ -230,8 +230,17 @@ class RankOptions:
     out: Path
 
 
+def _check_paths(options: RankOptions) -> None:
+    """model_analysis.json must not overwrite or land inside a run or base folder, nor be a folder."""
+    inputs = []
+    for name, run_dir, base_dir in options.candidates:
+        inputs += [(f"RUN_DIR of {name}", run_dir), (f"BASE_DIR of {name}", base_dir)]
+    check_paths(inputs, [Output("--out", options.out)])
+
+
 def rank_candidates(options: RankOptions) -> dict[str, Any]:
     """Read every candidate, rank them, write model_analysis.json and log the table."""
+    _check_paths(options)
     candidates = []
     for name, run_dir, base_dir in options.candidates:
         cand = read_candidate(name, run_dir, base_dir, options.metric)

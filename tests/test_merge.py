@@ -576,15 +576,18 @@ def test_tolerance_violation_fails(
 def test_existing_output_replaced_only_on_success(tmp_path: Path, tiny_base: Path, plain_adapter: Path) -> None:
     out = tmp_path / "m"
     out.mkdir()
-    (out / "old.txt").write_text("old")
+    # a previous merge output (only files a merge writes): a failed merge keeps it, a good one replaces it
+    (out / "config.json").write_text("old")
+    (out / "model-00001-of-00002.safetensors").write_text("stale")
     adapter = tmp_path / "ad"
     shutil.copytree(plain_adapter, adapter)
     (adapter / "adapter_config.json").write_text("{not json")
     with pytest.raises(Lora2ggufError, match=r"adapter_config\.json: not valid JSON"):
         merge_adapter(MergeOptions(tiny_base, adapter, out))
-    assert (out / "old.txt").read_text() == "old"
+    assert (out / "config.json").read_text() == "old"
     merge_adapter(MergeOptions(tiny_base, plain_adapter, out))
-    assert not (out / "old.txt").exists() and (out / "model.safetensors").is_file()
+    assert (out / "config.json").read_text() != "old" and (out / "model.safetensors").is_file()
+    assert not (out / "model-00001-of-00002.safetensors").exists()
 
 
 # --- the command line --------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import gguf
 import numpy as np
 from tqdm import tqdm
 
-from lora2gguf.artifacts import atomic_file, sha256_file, sha256_tree, write_json
+from lora2gguf.artifacts import Output, atomic_file, check_links_inside, check_paths, sha256_file, sha256_tree, write_json
 from lora2gguf import archs
 from lora2gguf.convert import hparams, vocab
 from lora2gguf.convert.tensors import OUTTYPES, TensorPlan, convert_data, plan_tensors
@@ -153,8 +153,18 @@ def _check_inputs(model_dir: Path, outtype: str) -> None:
         raise Lora2ggufError(f"{model_dir}: input folder not found")
 
 
+def _check_paths(options: ConvertOptions) -> None:
+    """The GGUF and the report must not overwrite the input folder, each other, or a folder."""
+    check_paths(
+        [("IN_DIR", options.in_dir)],
+        [Output("OUT.gguf", options.out), Output("--report", options.report)],
+    )
+
+
 def _read_source(model_dir: Path, outtype: str) -> _Source:
     """Everything the header needs, from config.json, the safetensors headers and the tokenizer."""
+    # Tokenizer files, config and model card end up in the GGUF: none may come from outside the folder.
+    check_links_inside(model_dir)
     config_path = model_dir / "config.json"
     config = archs.load_config(model_dir)
     spec = archs.spec_for(config, config_path)
@@ -267,6 +277,7 @@ def convert(
 
 def run_convert(options: ConvertOptions) -> ConvertSummary:
     """``lora2gguf convert``: the conversion, then the JSON report when one was asked for."""
+    _check_paths(options)
     summary = convert(
         options.in_dir,
         options.out,

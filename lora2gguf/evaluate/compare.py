@@ -6,6 +6,10 @@ difference comes from the weights and the runtime, not from tokenization. Per fi
 ratio to the reference, KL divergence of the next-token distributions (mean, median, 99th percentile,
 max), top-1 agreement, greedy generation agreement on the test prompts, size, bits per weight, tensor
 types (plus the quantizer's sidecar), and llama.cpp prompt / generation speed.
+
+Each GGUF file is loaded in llama.cpp in a child process of its own (runtime.run_isolated): a file that
+makes llama.cpp abort or segfault is recorded under "failed" in the report with the signal, the other
+files are still scored, the report is written, and the command ends with one error line (exit 2).
 """
 
 from __future__ import annotations
@@ -21,10 +25,10 @@ import numpy as np
 from tqdm import tqdm
 
 from lora2gguf import hf
-from lora2gguf.artifacts import sha256_file, sha256_tree, write_json
+from lora2gguf.artifacts import Output, check_paths, sha256_file, sha256_tree, write_json
 from lora2gguf.errors import Lora2ggufError
 from lora2gguf.evaluate import gguf_facts, metrics
-from lora2gguf.evaluate.runtime import LlamaRuntime, Perf
+from lora2gguf.evaluate.runtime import LlamaCrash, LlamaRuntime, Perf, run_isolated
 from lora2gguf.evaluate.settings import (
     Evaluation,
     Generation,
@@ -81,8 +85,19 @@ class _Tokens:
     prompt_ids: list[list[int]]
 
 
+def _check_paths(options: CompareOptions, eval_text: Path | None = None) -> None:
+    """The report must not overwrite an input or a folder (inline JSON settings are no file)."""
+    settings = (("--config", options.config), ("--prompts", options.prompts), ("--generation", options.generation))
+    files = [(label, value) for label, value in settings if value and not value.lstrip().startswith(("[", "{"))]
+    inputs = [("--reference", options.reference), *[("--gguf", path) for path in options.ggufs], *files]
+    inputs += [("--eval-text", options.eval_text), ("evaluation.text", eval_text)]
+    check_paths(inputs, [Output("--out", options.out)])
+
+
 def _check_inputs(options: CompareOptions) -> _Inputs:
+    _check_paths(options)
     evaluation = resolve_evaluation(options.config, options.eval_text, options.max_tokens, options.context)
+    _check_paths(options, evaluation.text)  # the text may come from --config
     prompts = resolve_prompts(options.config, options.prompts)
     gen: Generation = resolve_generation(options.config, options.generation)
     max_new = options.max_new_tokens or gen.max_new_tokens
@@ -188,19 +203,28 @@ def _time_prompt(rt: LlamaRuntime, bench_ids: list[int], repeats: int) -> tuple[
     return pp, pp_rates, pp_walls
 
 
-def _greedy_cases(
-    rt: LlamaRuntime, ref: dict[str, Any], tokenizer: Any, prompts: list[Prompt], prompt_ids: list[list[int]],
-    max_new: int,
-) -> tuple[list[dict[str, Any]], float]:
-    """Greedy continuations in llama.cpp against the reference's, and their wall-clock seconds."""
-    cases = []
+def _llama_greedy(
+    rt: LlamaRuntime, prompt_ids: list[list[int]], max_new: int, stop_ids: list[int]
+) -> tuple[list[list[int]], float]:
+    """Greedy continuations of every prompt in llama.cpp, and their wall-clock seconds."""
+    outputs = []
     gen_wall = 0.0
-    for prompt, ids, ref_tokens in zip(prompts, prompt_ids, ref["greedy"]):
-        result = rt.greedy(ids, max_new, ref["stop_ids"])
+    for ids in prompt_ids:
+        result = rt.greedy(ids, max_new, stop_ids)
         gen_wall += result.generation_seconds
-        agreement = metrics.token_agreement(ref_tokens, result.tokens)
+        outputs.append(result.tokens)
+    return outputs, gen_wall
+
+
+def _greedy_cases(
+    ref_greedy: list[list[int]], tokenizer: Any, prompts: list[Prompt], outputs: list[list[int]]
+) -> list[dict[str, Any]]:
+    """Each prompt's llama.cpp continuation against the reference's."""
+    cases = []
+    for prompt, ref_tokens, tokens in zip(prompts, ref_greedy, outputs):
+        agreement = metrics.token_agreement(ref_tokens, tokens)
         ref_text = tokenizer.decode(ref_tokens, skip_special_tokens=True)
-        text = tokenizer.decode(result.tokens, skip_special_tokens=True)
+        text = tokenizer.decode(tokens, skip_special_tokens=True)
         cases.append(
             {
                 "id": prompt.id,
@@ -209,7 +233,7 @@ def _greedy_cases(
                 "text": text,
             }
         )
-    return cases, gen_wall
+    return cases
 
 
 def _generation_summary(cases: list[dict[str, Any]]) -> dict[str, Any]:
@@ -228,28 +252,36 @@ def _generation_summary(cases: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def _generation_and_speed(
-    path: Path,
-    ref: dict[str, Any],
-    tokenizer: Any,
-    prompts: list[Prompt],
-    prompt_ids: list[list[int]],
-    bench_ids: list[int],
-    max_new: int,
-    threads: int,
-    repeats: int,
-) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-    n_ctx = max(len(bench_ids), max(len(ids) for ids in prompt_ids) + max_new)
-    with LlamaRuntime(path, n_ctx=n_ctx, n_threads=threads, logits_all=False) as rt:
+@dataclass(frozen=True)
+class _LlamaJob:
+    """What the llama.cpp child process needs for one GGUF file (plain data: it is pickled)."""
+
+    path: Path
+    ref_logits: list[np.ndarray]
+    vocab: int
+    windows: list[list[int]]
+    context: int
+    prompt_ids: list[list[int]]
+    stop_ids: list[int]
+    max_new: int
+    threads: int
+    repeats: int
+
+
+def _speed_and_greedy(job: _LlamaJob) -> dict[str, Any]:
+    """Prompt speed and greedy decoding on an instance without per-position logits."""
+    bench_ids = job.windows[0]
+    n_ctx = max(len(bench_ids), max(len(ids) for ids in job.prompt_ids) + job.max_new)
+    with LlamaRuntime(job.path, n_ctx=n_ctx, n_threads=job.threads, logits_all=False) as rt:
         facts = {"llama_model_size_bytes": rt.model_size_bytes(), "llama_n_params": rt.n_params()}
-        pp, pp_rates, pp_walls = _time_prompt(rt, bench_ids, repeats)
+        pp, pp_rates, pp_walls = _time_prompt(rt, bench_ids, job.repeats)
         rt.perf_reset()
-        cases, gen_wall = _greedy_cases(rt, ref, tokenizer, prompts, prompt_ids, max_new)
+        outputs, gen_wall = _llama_greedy(rt, job.prompt_ids, job.max_new, job.stop_ids)
         tg = rt.perf()
     speed = {
-        "threads": threads,
+        "threads": job.threads,
         "prompt_tokens": pp.prompt_tokens,
-        "prompt_repeats": repeats,
+        "prompt_repeats": job.repeats,
         "prompt_tokens_per_s": float(np.median(pp_rates)) if pp_rates else None,
         "prompt_tokens_per_s_runs": pp_rates,
         "prompt_tokens_per_s_wall": len(bench_ids) / float(np.median(pp_walls)),
@@ -260,7 +292,13 @@ def _generation_and_speed(
         # Speed is only comparable between runs on an otherwise idle machine: record how busy it was.
         "load_average_1min": os.getloadavg()[0],
     }
-    return _generation_summary(cases), speed, facts
+    return {"greedy": outputs, "speed": speed, "llama_cpp": facts}
+
+
+def _measure_in_llama(job: _LlamaJob) -> dict[str, Any]:
+    """Everything llama.cpp measures of one file; runs in the child process (runtime.run_isolated)."""
+    quality = score_gguf(job.path, {"logits": job.ref_logits, "vocab": job.vocab}, job.windows, job.context, job.threads)
+    return {"quality": quality, **_speed_and_greedy(job)}
 
 
 def _score_file(
@@ -269,13 +307,16 @@ def _score_file(
 ) -> dict[str, Any]:
     """One GGUF file's entry of the report: its facts, quality, generation agreement and speed."""
     logger.info("%s (%s): scoring in llama.cpp with %d threads", path, facts["file_type"], options.threads)
-    context = inputs.evaluation.context
+    job = _LlamaJob(
+        path, ref["logits"], ref["vocab"], tokens.windows, inputs.evaluation.context, tokens.prompt_ids,
+        ref["stop_ids"], inputs.max_new, options.threads, options.speed_repeats,
+    )
     with Timer() as timer:
-        quality = score_gguf(path, ref, tokens.windows, context, options.threads)
-        generation, speed, runtime_facts = _generation_and_speed(
-            path, ref, tokens.tokenizer, inputs.prompts, tokens.prompt_ids, tokens.windows[0], inputs.max_new,
-            options.threads, options.speed_repeats,
-        )
+        # A child process per file: a file that crashes llama.cpp costs only its own entry.
+        measured = run_isolated(path, _measure_in_llama, job)
+    quality, speed, runtime_facts = measured["quality"], measured["speed"], measured["llama_cpp"]
+    cases = _greedy_cases(ref["greedy"], tokens.tokenizer, inputs.prompts, measured["greedy"])
+    generation = _generation_summary(cases)
     sidecar = gguf_facts.read_sidecar(path)
     entry = {
         "label": facts["file_type"] + (" imatrix" if facts["imatrix"] else ""),
@@ -358,6 +399,39 @@ def _settings_section(
     }
 
 
+def _score_all(
+    options: CompareOptions, inputs: _Inputs, tokens: _Tokens, ref: dict[str, Any], ref_ppl: float
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The entries of the files scored and of those that failed (llama.cpp refused or crashed on
+    them): one bad file must not throw away the scores of the others."""
+    models: list[dict[str, Any]] = []
+    failed: list[dict[str, Any]] = []
+    for path, facts in zip(options.ggufs, inputs.files):
+        try:
+            models.append(_score_file(options, inputs, tokens, ref, ref_ppl, path, facts))
+        except Lora2ggufError as exc:
+            logger.warning("%s: not scored; going on with the other files", path)
+            failed.append(
+                {
+                    "file": str(path),
+                    "label": facts["file_type"],
+                    "sha256": sha256_file(path),
+                    "error": str(exc),
+                    "llama_cpp_crashed": isinstance(exc, LlamaCrash),
+                }
+            )
+    return models, failed
+
+
+def _failure_message(out: Path, models: list[dict[str, Any]], failed: list[dict[str, Any]]) -> str:
+    """One line: the first failure (it names its file), how many more, and where the rest went."""
+    message = failed[0]["error"]
+    if len(failed) > 1:
+        message += f"; {len(failed) - 1} more file(s) not scored: " + ", ".join(f["file"] for f in failed[1:])
+    kept = f"the scores of the other {len(models)} file(s)" if models else "no scores"
+    return f"{message} ({out} holds {kept} and lists every failure under 'failed')"
+
+
 def compare_models(options: CompareOptions) -> dict[str, Any]:
     """Score every GGUF file against the float reference and write the report to ``options.out``."""
     inputs = _check_inputs(options)
@@ -366,18 +440,19 @@ def compare_models(options: CompareOptions) -> dict[str, Any]:
         ref = _reference_pass(options, tokens.windows, tokens.prompt_ids, inputs.max_new)
     ref_ppl = metrics.perplexity(ref["nll"])
     logger.info("reference perplexity %.4f (%.1f s)", ref_ppl, ref_timer.seconds)
-    models = [
-        _score_file(options, inputs, tokens, ref, ref_ppl, path, facts)
-        for path, facts in zip(options.ggufs, inputs.files)
-    ]
+    models, failed = _score_all(options, inputs, tokens, ref, ref_ppl)
     # device_info keeps its name: the comparison plot reads its cpu_count.
     body = {
         "device_info": device_info(ref["device"]),
         "reference": _reference_section(options, inputs, tokens, ref, ref_ppl, ref_timer.seconds),
         "settings": _settings_section(options, inputs, tokens, ref),
         "models": models,
+        # only when some file could not be scored: which, and why (the others' scores are kept)
+        **({"failed": failed} if failed else {}),
     }
     report = build_report(REPORT_KIND, body)
     write_json(options.out, report)
     logger.info("wrote %s (%d GGUF files)", options.out, len(models))
+    if failed:
+        raise Lora2ggufError(_failure_message(options.out, models, failed))
     return report

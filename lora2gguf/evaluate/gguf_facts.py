@@ -1,5 +1,5 @@
-"""What a GGUF file is made of, read from its header with gguf-py: file type, tensor types, bits per weight,
-and the quantizer's sidecar (model-{q}.json) when one lies next to it."""
+"""What a GGUF file is made of, read from its header (formats.gguf.read_gguf): file type, tensor types,
+bits per weight, and the quantizer's sidecar (model-{q}.json) when one lies next to it."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import gguf
 
 from lora2gguf.artifacts import read_json, sha256_file
 from lora2gguf.errors import Lora2ggufError
-from lora2gguf.formats.gguf import reader_value
+from lora2gguf.formats.gguf import read_gguf
 
 logger = logging.getLogger(__name__)
 
@@ -36,32 +36,32 @@ def file_type_label(file_type: int | None, tensor_types: dict[str, int]) -> str:
 def describe(path: Path) -> dict[str, Any]:
     """Header facts of one GGUF file. Bits per weight = 8 * tensor bytes / tensor elements, as
     llama.cpp prints it at load time."""
-    try:
-        reader = gguf.GGUFReader(path, "r")
-    except (OSError, ValueError) as exc:
-        raise Lora2ggufError(f"{path}: not a readable GGUF file: {exc}") from exc
+    # read_gguf bounds every declared count by the file size (2**60 tensors in a few MiB are refused
+    # before anything is allocated for them) and names the file in any error.
+    header = read_gguf(path)
     counts: Counter[str] = Counter()
     n_bytes = 0
     n_elements = 0
-    for tensor in reader.tensors:
-        counts[tensor.tensor_type.name] += 1
-        n_bytes += int(tensor.n_bytes)
-        n_elements += int(tensor.n_elements)
-    file_type = reader_value(reader, "general.file_type")
+    for tensor in header.tensors:
+        counts[tensor.type_name] += 1
+        n_bytes += tensor.n_bytes
+        n_elements += tensor.n_elements
+    metadata = header.metadata
+    file_type = metadata.get("general.file_type")
     tensor_types = dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
     # llama-quantize --imatrix (and lora2gguf quantize --imatrix) record the importance matrix used
     imatrix = {
-        key.removeprefix("quantize.imatrix."): reader_value(reader, key)
-        for key in reader.fields
+        key.removeprefix("quantize.imatrix."): value
+        for key, value in metadata.items()
         if key.startswith("quantize.imatrix.")
     } or None
     return {
         "file": str(path),
         "size_bytes": path.stat().st_size,
-        "architecture": reader_value(reader, "general.architecture"),
+        "architecture": metadata.get("general.architecture"),
         "file_type": file_type_label(file_type, tensor_types),
         "general_file_type": None if file_type is None else int(file_type),
-        "n_tensors": len(reader.tensors),
+        "n_tensors": len(header.tensors),
         "n_params": n_elements,
         "tensor_bytes": n_bytes,
         "bits_per_weight": 8.0 * n_bytes / n_elements if n_elements else None,

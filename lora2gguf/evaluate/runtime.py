@@ -8,16 +8,34 @@ means the same thing on both sides.
 from __future__ import annotations
 
 import logging
+import os
+import pickle
+import re
+import signal
+import subprocess
+import sys
+import tempfile
 import time
+import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from lora2gguf.errors import Lora2ggufError
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Lines llama.cpp prints when it gives up, most telling first: a failed assertion, an uncaught C++
+# exception, an error message.
+_CRASH_LINES = (re.compile(r"GGML_ASSERT|GGML_ABORT|terminate called|what\(\)"), re.compile(r"error", re.IGNORECASE))
+# Set in the child's environment: there llama.cpp's own log goes to stderr (captured by the parent,
+# which needs its last words after a crash) instead of being silenced.
+_CHILD_ENV = "LORA2GGUF_LLAMA_CHILD"
 
 
 def _llama_cpp() -> Any:
@@ -73,7 +91,8 @@ class LlamaRuntime:
                 n_gpu_layers=0,
                 logits_all=logits_all,
                 no_perf=False,
-                verbose=False,
+                # In run_isolated's child llama.cpp may talk: its log is what explains a crash.
+                verbose=os.environ.get(_CHILD_ENV) == "1",
             )
         except (ValueError, RuntimeError) as exc:
             raise Lora2ggufError(f"{path}: llama.cpp cannot load this file: {exc}") from exc
@@ -168,3 +187,97 @@ class LlamaRuntime:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# -- isolation: llama.cpp in a child process ----------------------------------------------------
+class LlamaCrash(Lora2ggufError):
+    """llama.cpp killed the child process that had a GGUF file loaded (SIGSEGV, SIGABRT, ...)."""
+
+
+def _last_words(stderr: str) -> str | None:
+    """The line of llama.cpp's output that says why it gave up (a failed assertion, an error), without
+    the build path; None when it printed no such line."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    found = (line for pattern in _CRASH_LINES for line in reversed(lines) if pattern.search(line))
+    line = next(found, None)
+    return None if line is None else " ".join(re.sub(r"^\S*/", "", line).split())[:300]
+
+
+def _signal_name(status: int) -> str:
+    try:
+        return signal.Signals(-status).name
+    except ValueError:
+        return f"signal {-status}"
+
+
+def _exchange(request: Any, stderr: Any) -> tuple[bytes, int]:
+    """Start the child, stream the pickled request to it, read its reply; (reply, exit status)."""
+    env = dict(os.environ, GGML_NO_BACKTRACE="1", **{_CHILD_ENV: "1"})  # GGML_NO_BACKTRACE: no gdb attaching
+    cmd = [sys.executable, "-m", "lora2gguf.evaluate.runtime"]
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, env=env)
+    try:
+        assert proc.stdin is not None and proc.stdout is not None
+        try:
+            pickle.dump(request, proc.stdin, protocol=pickle.HIGHEST_PROTOCOL)
+            proc.stdin.close()
+        except BrokenPipeError:
+            pass  # the child died while reading: its exit status says how
+        reply = proc.stdout.read()
+        return reply, proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def run_isolated(path: Path, func: Callable[..., T], *args: Any) -> T:
+    """``func(*args)`` in a child Python process that is the only one to load ``path`` in llama.cpp.
+
+    A file llama.cpp cannot cope with may kill its process (a failed GGML_ASSERT aborts, a bad
+    pointer segfaults) rather than raise; in the child that costs only that file: it becomes a
+    LlamaCrash naming the file, the signal and llama.cpp's last words. A Lora2ggufError in the
+    child is raised again here; any other exception is a bug and comes back as RuntimeError.
+    ``func`` and ``args`` must pickle (a module-level function, plain data and numpy arrays).
+    """
+    # An anonymous temporary file: nothing to clean up even if this process is killed.
+    with tempfile.TemporaryFile() as stderr:
+        reply, status = _exchange((func, args), stderr)
+        stderr.seek(0)
+        said = stderr.read().decode("utf-8", "replace")
+    if status == -signal.SIGINT:
+        raise KeyboardInterrupt
+    if status < 0:
+        logger.debug("%s: the llama.cpp child process said:\n%s", path, said)
+        why = _last_words(said) or "llama.cpp printed no reason"
+        raise LlamaCrash(f"{path}: llama.cpp crashed ({_signal_name(status)}) with this file: {why}")
+    if status != 0 or not reply:
+        raise RuntimeError(f"the llama.cpp child process for {path} exited with status {status}:\n{said[-3000:]}")
+    kind, value = pickle.loads(reply)
+    logger.debug("%s: the llama.cpp child process said:\n%s", path, said)
+    if kind == "error":
+        why = _last_words(said)  # llama-cpp-python's "Failed to load model" does not say why; llama.cpp did
+        raise Lora2ggufError(f"{value} ({why})" if why and why not in value else value)
+    if kind == "bug":
+        raise RuntimeError(f"in the llama.cpp child process for {path}:\n{value}")
+    return value
+
+
+def _child_main() -> int:
+    """The child's side of run_isolated: read (func, args) on stdin, answer on the original stdout."""
+    reply = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)  # whatever llama.cpp prints to stdout must not mix with the reply
+    sys.stdout = sys.stderr
+    func, args = pickle.load(sys.stdin.buffer)
+    try:
+        answer: tuple[str, Any] = ("ok", func(*args))
+    except Lora2ggufError as exc:
+        answer = ("error", str(exc))
+    except Exception:  # noqa: BLE001 - handed to the parent, which reports it as a bug
+        answer = ("bug", traceback.format_exc())
+    with reply:
+        pickle.dump(answer, reply, protocol=pickle.HIGHEST_PROTOCOL)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_child_main())

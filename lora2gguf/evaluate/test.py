@@ -17,7 +17,7 @@ from typing import Any
 from tqdm import tqdm
 
 from lora2gguf import hf
-from lora2gguf.artifacts import sha256_tree, write_json
+from lora2gguf.artifacts import Output, check_paths, sha256_tree, write_json
 from lora2gguf.errors import Lora2ggufError
 from lora2gguf.evaluate.settings import Generation, Prompt, resolve_generation, resolve_prompts
 from lora2gguf.provenance import PeakMemory, Timer, build_report, device_info
@@ -290,8 +290,16 @@ def _report(options: TestOptions, place: _Placement, gen: Generation, answers: _
     return build_report(REPORT_KIND, body)
 
 
+def _check_paths(options: TestOptions) -> None:
+    """The report must not overwrite the model, a settings file or a folder (inline JSON is no file)."""
+    settings = (("--config", options.config), ("--prompts", options.prompts), ("--generation", options.generation))
+    files = [(label, value) for label, value in settings if value and not value.lstrip().startswith(("[", "{"))]
+    check_paths([("--model", options.model), *files], [Output("--out", options.out)])
+
+
 def run_test(options: TestOptions) -> dict[str, Any]:
     """Answer the test prompts with the merged model and write the report to ``options.out``."""
+    _check_paths(options)
     prompts = resolve_prompts(options.config, options.prompts)
     gen = resolve_generation(options.config, options.generation)
     hf.check_model_dir(options.model, options.allow_pickle)

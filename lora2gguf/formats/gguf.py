@@ -4,7 +4,11 @@ Metadata is copied as the raw bytes of each key/value record, so every value kee
 type and bytes -- including empty arrays and strings, which gguf-py's typed ``add_*`` helpers
 would silently drop, changing the header size.
 
-:func:`read_gguf` parses the header itself and memory-maps the tensor data with numpy.
+:func:`read_gguf` parses the header itself and memory-maps the tensor data with numpy. It is the
+one GGUF reader of the package (quantize's model and imatrix, compare's file facts): it checks the
+file as llama.cpp does and bounds every declared count (tensors, keys, array elements) by the file
+size before reading or allocating anything for it.
+
 gguf-py's GGUFReader (used by the tests to check our files) builds a numpy object for every
 element of every metadata array -- for a 50k-token vocabulary that is seconds, as long as
 llama.cpp takes for the whole quantization of a 135M model -- while the quantizer only needs
@@ -87,7 +91,13 @@ _NUMPY = {
     11: np.int64,
     12: np.float64,
 }
-_STRING, _ARRAY = 8, 9
+_UINT32, _STRING, _ARRAY = 4, 8, 9
+# The fewest bytes one element of an array can take: its numpy size, or a string's 8-byte length.
+_MIN_ITEM = {**{t: np.dtype(d).itemsize for t, d in _NUMPY.items()}, _STRING: 8}
+# The fewest bytes a tensor info (name length, n_dims, one dimension, type, offset) and a key/value
+# record (key length, value type, one byte of value) can take in a GGUF header.
+_MIN_TENSOR_INFO = 8 + 4 + 8 + 4 + 8
+_MIN_KV = 8 + 4 + 1
 
 
 @dataclass
@@ -147,6 +157,15 @@ class _Cursor:
         self.pos += n
         return value
 
+    def check_count(self, count: int, least: int, what: str, items: str) -> None:
+        """Refuse ``count`` items of at least ``least`` bytes each when the rest of the file cannot
+        hold them (2**60 of them in a few MiB), before anything is read or allocated for them."""
+        if count * least > self.size - self.pos:
+            raise Lora2ggufError(
+                f"{self.path}: corrupt GGUF header: {what} declares {count} {items}, more than its "
+                f"{self.size} bytes can hold"
+            )
+
     def string(self) -> bytes:
         n = self.take("<Q")
         if self.pos + n > self.size:
@@ -177,11 +196,10 @@ class _Cursor:
         if vtype == _ARRAY:
             etype = self.take("<I")
             count = self.take("<Q")
+            self.check_count(count, _MIN_ITEM.get(etype, 1), f"metadata key {key}", "array elements")
             if etype in _NUMPY:
                 item = np.dtype(_NUMPY[etype]).itemsize
                 end = self.pos + count * item
-                if end > self.size:
-                    raise Lora2ggufError(f"{self.path}: truncated GGUF header (array {key})")
                 arr = (
                     np.frombuffer(self.buf, dtype=_NUMPY[etype], count=count, offset=self.pos).tolist()
                     if count <= 4096
@@ -193,75 +211,195 @@ class _Cursor:
                 self.skip_strings(count)
                 return None
             if etype == _ARRAY:
-                for _ in range(count):
-                    self.value(_ARRAY, key)
-                return None
+                raise Lora2ggufError(f"{self.path}: metadata key {key}: an array of arrays (llama.cpp refuses them)")
         raise Lora2ggufError(f"{self.path}: metadata key {key}: unknown GGUF value type {vtype}")
 
 
-def read_gguf(path: str | os.PathLike[str]) -> GGUFFile:
-    """Parse a GGUF header and memory-map the file; any problem is an error naming the file."""
-    path = Path(path)
-    if not path.exists():
-        raise Lora2ggufError(f"{path}: file not found")
-    if not path.is_file():
-        raise Lora2ggufError(f"{path}: not a file")
-    size = path.stat().st_size
-    with open(path, "rb") as handle:
-        magic = handle.read(4)
-        if magic != b"GGUF":
-            raise Lora2ggufError(f"{path}: not a GGUF file (starts with {magic!r}, expected b'GGUF')")
-        mm = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
-    cur = _Cursor(memoryview(mm), path)
+# The value types llama.cpp insists on for the keys it (and lora2gguf quantize) reads: gguf.cpp
+# refuses a general.alignment that is not UINT32, llama_model_loader any other key of the wrong
+# type ("key ... has wrong type"). Keys after "<arch>." are per architecture; per-layer values
+# may be arrays.
+_KEY_TYPES: dict[str, tuple[int, ...]] = {
+    "general.alignment": (_UINT32,),
+    "general.architecture": (_STRING,),
+    "general.file_type": (_UINT32,),
+    "general.quantization_version": (_UINT32,),
+}
+_ARCH_KEY_TYPES: dict[str, tuple[int, ...]] = {
+    "block_count": (_UINT32,),
+    "context_length": (_UINT32,),
+    "embedding_length": (_UINT32,),
+    "expert_count": (_UINT32,),
+    "expert_used_count": (_UINT32,),
+    "feed_forward_length": (_UINT32, _ARRAY),
+    "attention.head_count": (_UINT32, _ARRAY),
+    "attention.head_count_kv": (_UINT32, _ARRAY),
+}
+_TYPE_NAMES = {t.value: t.name for t in gguf.GGUFValueType}
+# ggml's GGML_MAX_NAME: llama.cpp refuses a tensor name of this many bytes or more.
+_MAX_NAME = 64
+
+
+@dataclass
+class _Header:
+    """What precedes the tensor data: key/value records and the tensor table, as read."""
+
+    version: int
+    records: list[tuple[str, bytes]]
+    metadata: dict[str, Any]
+    infos: list[tuple[str, tuple[int, ...], int, int]]  # name, shape, ggml type id, relative offset
+    alignment: int
+    data_offset: int
+
+
+def _read_kv(cur: _Cursor, n_kv: int) -> tuple[list[tuple[str, bytes]], dict[str, Any], dict[str, int]]:
+    """The key/value records; an empty or repeated key is refused, as llama.cpp does."""
+    records: list[tuple[str, bytes]] = []
+    metadata: dict[str, Any] = {}
+    types: dict[str, int] = {}
+    for _ in range(n_kv):
+        start = cur.pos
+        key = cur.string().decode("utf-8", errors="replace")
+        if not key:
+            raise Lora2ggufError(f"{cur.path}: metadata key {len(records)} is empty")
+        if key in types:
+            raise Lora2ggufError(f"{cur.path}: metadata key {key} appears twice (llama.cpp refuses the file)")
+        types[key] = cur.take("<I")
+        metadata[key] = cur.value(types[key], key)
+        records.append((key, bytes(cur.buf[start : cur.pos])))
+    return records, metadata, types
+
+
+def _check_key_types(path: Path, metadata: dict[str, Any], types: dict[str, int]) -> None:
+    arch = metadata.get("general.architecture")
+    expected = dict(_KEY_TYPES)
+    if isinstance(arch, str):
+        expected.update({f"{arch}.{suffix}": allowed for suffix, allowed in _ARCH_KEY_TYPES.items()})
+    for key, allowed in expected.items():
+        if key in types and types[key] not in allowed:
+            raise Lora2ggufError(
+                f"{path}: metadata key {key} has type {_TYPE_NAMES.get(types[key], types[key])}, expected "
+                f"{' or '.join(_TYPE_NAMES[t] for t in allowed)} (llama.cpp refuses the file)"
+            )
+
+
+def _alignment(path: Path, metadata: dict[str, Any]) -> int:
+    alignment = metadata.get("general.alignment", 32)
+    if alignment == 0 or alignment & (alignment - 1):
+        raise Lora2ggufError(
+            f"{path}: metadata key general.alignment is {alignment}, not a power of two (llama.cpp refuses the file)"
+        )
+    return int(alignment)
+
+
+def _read_tensor_info(cur: _Cursor, seen: set[str]) -> tuple[str, tuple[int, ...], int, int]:
+    """One entry of the tensor table, with llama.cpp's checks on the name and the dimensions."""
+    path = cur.path
+    raw_name = cur.string()
+    name = raw_name.decode("utf-8", errors="replace")
+    if len(raw_name) >= _MAX_NAME:
+        raise Lora2ggufError(f"{path}: tensor name {name!r} is {len(raw_name)} bytes, llama.cpp allows {_MAX_NAME - 1}")
+    if name in seen:
+        raise Lora2ggufError(f"{path}: tensor {name} appears twice in the tensor table")
+    seen.add(name)
+    n_dims = cur.take("<I")
+    if not 1 <= n_dims <= 4:
+        raise Lora2ggufError(f"{path}: tensor {name}: {n_dims} dimensions")
+    shape = tuple(cur.take("<Q") for _ in range(n_dims))
+    n_elements = 1
+    for n in shape:
+        n_elements *= n
+    if max(shape) >= 2**63 or n_elements >= 2**63:
+        raise Lora2ggufError(f"{path}: tensor {name}: shape {list(shape)} is out of range")
+    type_id = cur.take("<I")
+    offset = cur.take("<Q")
+    return name, shape, type_id, offset
+
+
+def _read_header(cur: _Cursor) -> _Header:
+    path = cur.path
     cur.pos = 4
     version = cur.take("<I")
     if version not in (2, 3):
         raise Lora2ggufError(f"{path}: GGUF version {version} is not supported (2 or 3, little-endian)")
     n_tensors = cur.take("<Q")
     n_kv = cur.take("<Q")
-    records: list[tuple[str, bytes]] = []
-    metadata: dict[str, Any] = {}
-    for _ in range(n_kv):
-        start = cur.pos
-        key = cur.string().decode("utf-8", errors="replace")
-        vtype = cur.take("<I")
-        metadata[key] = cur.value(vtype, key)
-        records.append((key, bytes(cur.buf[start : cur.pos])))
-    alignment = int(metadata.get("general.alignment") or 32)
-    infos = []
-    for _ in range(n_tensors):
-        name = cur.string().decode("utf-8", errors="replace")
-        n_dims = cur.take("<I")
-        if not 1 <= n_dims <= 4:
-            raise Lora2ggufError(f"{path}: tensor {name}: {n_dims} dimensions")
-        shape = tuple(cur.take("<Q") for _ in range(n_dims))
-        type_id = cur.take("<I")
-        offset = cur.take("<Q")
-        infos.append((name, shape, type_id, offset))
+    if n_tensors * _MIN_TENSOR_INFO + n_kv * _MIN_KV > cur.size - cur.pos:
+        raise Lora2ggufError(
+            f"{path}: corrupt GGUF header: it declares {n_tensors} tensors and {n_kv} metadata keys, "
+            f"more than its {cur.size} bytes can hold"
+        )
+    records, metadata, types = _read_kv(cur, n_kv)
+    _check_key_types(path, metadata, types)
+    alignment = _alignment(path, metadata)
+    seen: set[str] = set()
+    infos = [_read_tensor_info(cur, seen) for _ in range(n_tensors)]
     data_offset = (cur.pos + alignment - 1) // alignment * alignment
-    tensors = []
-    for name, shape, type_id, offset in infos:
-        try:
-            qtype = gguf.GGMLQuantizationType(type_id)
-        except ValueError:
-            raise Lora2ggufError(f"{path}: tensor {name}: unknown ggml type id {type_id}") from None
+    return _Header(version, records, metadata, infos, alignment, data_offset)
+
+
+def _misplaced(offset: int, expected: int, alignment: int) -> str:
+    if offset % alignment:
+        return f"data offset {offset} is not a multiple of the alignment {alignment}"
+    return (
+        f"data offset {offset}, expected {expected} (tensor data must follow the order of the tensor table, "
+        f"each tensor starting at the next multiple of {alignment} bytes)"
+    )
+
+
+def _tensor_entry(
+    path: Path, mm: mmap.mmap, info: tuple[str, tuple[int, ...], int, int], expected: int, head: _Header
+) -> TensorEntry:
+    """One tensor, its type, block fit and place checked: it must start at ``expected`` (relative to
+    the data section: the layout llama.cpp requires, in table order, each aligned) and end in the file."""
+    name, shape, type_id, offset = info
+    try:
+        qtype = gguf.GGMLQuantizationType(type_id)
         blk, bsize = gguf.GGML_QUANT_SIZES[qtype]
-        n_el = 1
-        for n in shape:
-            n_el *= n
-        if shape[0] % blk:
-            raise Lora2ggufError(
-                f"{path}: tensor {name}: row length {shape[0]} is not a multiple of {blk} ({qtype.name})"
-            )
-        n_bytes = n_el // blk * bsize
-        start = data_offset + offset
-        if start + n_bytes > size:
-            raise Lora2ggufError(
-                f"{path}: truncated: tensor {name} needs bytes up to {start + n_bytes} but the file has {size}"
-            )
-        data = np.frombuffer(mm, dtype=np.uint8, count=n_bytes, offset=start)
-        tensors.append(TensorEntry(name, shape, qtype.name, start, n_bytes, data))
-    return GGUFFile(path, version, records, metadata, tensors, alignment, data_offset, mm)
+    except (ValueError, KeyError):
+        raise Lora2ggufError(f"{path}: tensor {name}: unknown ggml type id {type_id}") from None
+    n_el = 1
+    for n in shape:
+        n_el *= n
+    if shape[0] % blk:
+        raise Lora2ggufError(f"{path}: tensor {name}: row length {shape[0]} is not a multiple of {blk} ({qtype.name})")
+    n_bytes = n_el // blk * bsize
+    if offset != expected:
+        raise Lora2ggufError(
+            f"{path}: tensor {name}: {_misplaced(offset, expected, head.alignment)} (llama.cpp refuses the file)"
+        )
+    start = head.data_offset + offset
+    if start + n_bytes > len(mm):
+        raise Lora2ggufError(
+            f"{path}: truncated: tensor {name} needs bytes up to {start + n_bytes} but the file has {len(mm)}"
+        )
+    data = np.frombuffer(mm, dtype=np.uint8, count=n_bytes, offset=start)
+    return TensorEntry(name, shape, qtype.name, start, n_bytes, data)
+
+
+def read_gguf(path: str | os.PathLike[str]) -> GGUFFile:
+    """Parse a GGUF header and memory-map the file; any problem is an error naming the file.
+
+    The file is checked as llama.cpp's gguf reader checks it (keys, alignment, tensor table and the
+    data layout), so a file llama.cpp would refuse is refused here, not turned into a broken output.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise Lora2ggufError(f"{path}: file not found")
+    if not path.is_file():
+        raise Lora2ggufError(f"{path}: not a file")
+    with open(path, "rb") as handle:
+        magic = handle.read(4)
+        if magic != b"GGUF":
+            raise Lora2ggufError(f"{path}: not a GGUF file (starts with {magic!r}, expected b'GGUF')")
+        mm = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+    head = _read_header(_Cursor(memoryview(mm), path))
+    tensors = []
+    expected = 0  # where the next tensor's data must start, relative to the data section
+    for info in head.infos:
+        tensors.append(_tensor_entry(path, mm, info, expected, head))
+        expected += -(-tensors[-1].n_bytes // head.alignment) * head.alignment
+    return GGUFFile(path, head.version, head.records, head.metadata, tensors, head.alignment, head.data_offset, mm)
 
 
 def field_value(field: Any) -> Any:
@@ -271,10 +409,22 @@ def field_value(field: Any) -> Any:
         return None
 
 
-def reader_value(reader: Any, key: str) -> Any:
-    """The value of ``key`` in a gguf.GGUFReader's metadata, or None when absent or unreadable."""
-    field = reader.fields.get(key)
-    return None if field is None else field_value(field)
+def string_array(file: GGUFFile, key: str) -> list[str] | None:
+    """The strings of an array-of-strings key, decoded from its raw record (``metadata`` leaves such
+    arrays as None: decoding a whole vocabulary would cost seconds); None when the key is absent, is
+    no array of strings, or holds a string that is not UTF-8."""
+    record = dict(file.records).get(key)
+    if record is None:
+        return None
+    cur = _Cursor(record, file.path)
+    cur.string()  # the key itself
+    if cur.take("<I") != _ARRAY or cur.take("<I") != _STRING:
+        return None
+    count = cur.take("<Q")  # bounded when read_gguf read the record
+    try:
+        return [cur.string().decode("utf-8") for _ in range(count)]
+    except UnicodeDecodeError:
+        return None
 
 
 def raw_record(field: Any) -> bytes:

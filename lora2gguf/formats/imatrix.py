@@ -24,7 +24,7 @@ import gguf
 import numpy as np
 
 from lora2gguf.errors import Lora2ggufError
-from lora2gguf.formats.gguf import reader_value
+from lora2gguf.formats.gguf import GGUFFile, TensorEntry, read_gguf, string_array
 
 GENERAL_TYPE = "imatrix"
 KEY_DATASETS = "imatrix.datasets"
@@ -85,47 +85,63 @@ def write_imatrix(path: str | os.PathLike[str], imatrix: Imatrix) -> None:
 
 
 def read_imatrix(path: str | os.PathLike[str]) -> Imatrix:
-    """Read an imatrix GGUF with gguf-py; every problem is reported with the file and the key."""
+    """Read an imatrix GGUF (formats.gguf.read_gguf, llama.cpp's checks); every problem is reported
+    with the file and the key."""
     path = Path(path)
     if not path.is_file():
         raise Lora2ggufError(f"{path}: imatrix file not found")
-    try:
-        reader = gguf.GGUFReader(path)
-    except (ValueError, OSError) as exc:
-        raise Lora2ggufError(f"{path}: not a GGUF file ({exc})") from exc
-    kind = reader_value(reader, gguf.Keys.General.TYPE)
+    file = read_gguf(path)
+    imatrix = _read_metadata(path, file)
+    sums: dict[str, np.ndarray] = {}
+    counts: dict[str, np.ndarray] = {}
+    for tensor in file.tensors:
+        name, values = tensor.name, _f32_values(path, tensor)
+        if name.endswith(SUFFIX_SUMS):
+            sums[name[: -len(SUFFIX_SUMS)]] = values
+        elif name.endswith(SUFFIX_COUNTS):
+            if tensor.shape[0] != 1:
+                raise Lora2ggufError(f"{path}: tensor {name} has shape {list(tensor.shape)}, expected (1, n_mat)")
+            counts[name[: -len(SUFFIX_COUNTS)]] = values.reshape(-1)
+        else:
+            raise Lora2ggufError(f"{path}: tensor {name} is neither <weight>.in_sum2 nor <weight>.counts")
+    _pair_up(path, imatrix, sums, counts)
+    if not imatrix.entries:
+        raise Lora2ggufError(f"{path}: no <weight>.in_sum2 / <weight>.counts tensors")
+    return imatrix
+
+
+def _read_metadata(path: Path, file: GGUFFile) -> Imatrix:
+    """general.type and the three imatrix.* keys llama-quantize needs."""
+    metadata = file.metadata
+    kind = metadata.get(gguf.Keys.General.TYPE)
     if kind != GENERAL_TYPE:
         raise Lora2ggufError(
             f"{path}: general.type is {kind!r}, expected 'imatrix' (is this a model file? the legacy "
             ".dat imatrix format is not read: convert it with llama-imatrix --in-file X.dat -o X.gguf)"
         )
-    imatrix = Imatrix()
     for key in (KEY_DATASETS, KEY_CHUNK_COUNT, KEY_CHUNK_SIZE):
-        if key not in reader.fields:
+        if key not in metadata:
             raise Lora2ggufError(f"{path}: metadata key {key} missing (llama-quantize refuses such a file)")
-    datasets = reader_value(reader, KEY_DATASETS)
-    imatrix.datasets = [str(d) for d in datasets] if isinstance(datasets, list) else [str(datasets)]
-    imatrix.chunk_count = int(reader_value(reader, KEY_CHUNK_COUNT))  # type: ignore[arg-type]
-    imatrix.chunk_size = int(reader_value(reader, KEY_CHUNK_SIZE))  # type: ignore[arg-type]
+    datasets = metadata[KEY_DATASETS]
+    if datasets is None:  # an array of strings, left undecoded by read_gguf
+        datasets = string_array(file, KEY_DATASETS)
+    return Imatrix(
+        datasets=[str(d) for d in datasets] if isinstance(datasets, list) else [str(datasets)],
+        chunk_count=int(metadata[KEY_CHUNK_COUNT]),
+        chunk_size=int(metadata[KEY_CHUNK_SIZE]),
+    )
 
-    sums: dict[str, np.ndarray] = {}
-    counts: dict[str, np.ndarray] = {}
-    for tensor in reader.tensors:
-        name = tensor.name
-        if tensor.tensor_type != gguf.GGMLQuantizationType.F32:
-            raise Lora2ggufError(f"{path}: tensor {name} is {tensor.tensor_type.name}, expected F32")
-        # gguf-py's shape is ggml order (ne0, ne1); data comes as numpy (ne1, ne0)
-        ne = [int(n) for n in tensor.shape]
-        n_mat = ne[1] if len(ne) > 1 else 1
-        values = np.array(tensor.data, dtype=np.float32).reshape(n_mat, ne[0])
-        if name.endswith(SUFFIX_SUMS):
-            sums[name[: -len(SUFFIX_SUMS)]] = values
-        elif name.endswith(SUFFIX_COUNTS):
-            if ne[0] != 1:
-                raise Lora2ggufError(f"{path}: tensor {name} has shape {ne}, expected (1, n_mat)")
-            counts[name[: -len(SUFFIX_COUNTS)]] = values.reshape(-1)
-        else:
-            raise Lora2ggufError(f"{path}: tensor {name} is neither <weight>.in_sum2 nor <weight>.counts")
+
+def _f32_values(path: Path, tensor: TensorEntry) -> np.ndarray:
+    """A copy of an F32 tensor's values as (n_mat, n_in): ggml shape (ne0, ne1) is numpy (ne1, ne0)."""
+    if tensor.type_name != gguf.GGMLQuantizationType.F32.name:
+        raise Lora2ggufError(f"{path}: tensor {tensor.name} is {tensor.type_name}, expected F32")
+    n_mat = tensor.shape[1] if len(tensor.shape) > 1 else 1
+    return tensor.data.view(np.float32).reshape(n_mat, tensor.shape[0]).copy()
+
+
+def _pair_up(path: Path, imatrix: Imatrix, sums: dict[str, np.ndarray], counts: dict[str, np.ndarray]) -> None:
+    """Sums and counts of each weight into ``imatrix.entries``; both present, matching and finite."""
     for name in sorted(set(sums) | set(counts)):
         if name not in sums or name not in counts:
             missing = SUFFIX_SUMS if name not in sums else SUFFIX_COUNTS
@@ -137,6 +153,3 @@ def read_imatrix(path: str | os.PathLike[str]) -> Imatrix:
         if not (np.isfinite(sums[name]).all() and np.isfinite(counts[name]).all()):
             raise Lora2ggufError(f"{path}: tensor {name}{SUFFIX_SUMS} holds non-finite values")
         imatrix.entries[name] = ImatrixEntry(sums[name], counts[name])
-    if not imatrix.entries:
-        raise Lora2ggufError(f"{path}: no <weight>.in_sum2 / <weight>.counts tensors")
-    return imatrix

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from lora2gguf.artifacts import check_links_inside
 from lora2gguf.errors import Lora2ggufError
 
 logger = logging.getLogger(__name__)
@@ -80,6 +81,23 @@ def bf16_to_f32(raw: np.ndarray) -> np.ndarray:
     return (raw.astype(np.uint32) << 16).view(np.float32)
 
 
+class _DuplicateKey(ValueError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """json's object hook that refuses a repeated key: json.loads would keep the last one silently,
+    so two entries for one tensor would not both be checked."""
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _DuplicateKey(key)
+        seen[key] = value
+    return seen
+
+
 def _load_json_header(path: Path) -> tuple[dict[str, Any], int, int]:
     """The parsed JSON header, the offset where the data section starts, and the file size."""
     try:
@@ -98,7 +116,9 @@ def _load_json_header(path: Path) -> tuple[dict[str, Any], int, int]:
     except OSError as exc:
         raise Lora2ggufError(f"{path}: cannot read: {exc}") from None
     try:
-        header = json.loads(raw.decode("utf-8"))
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
+    except _DuplicateKey as exc:
+        raise Lora2ggufError(f"{path}: corrupt safetensors header (key '{exc.key}' appears twice)") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise Lora2ggufError(f"{path}: corrupt safetensors header ({exc})") from None
     if not isinstance(header, dict):
@@ -106,16 +126,26 @@ def _load_json_header(path: Path) -> tuple[dict[str, Any], int, int]:
     return header, 8 + header_len, size
 
 
+def _whole(value: Any) -> int:
+    """A JSON integer as such: int() would also take 2.5 (truncated), "7" or true."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{value!r} is not an integer")
+    return value
+
+
 def _entry(path: Path, name: str, meta: Any, data_start: int, data_bytes: int) -> TensorEntry:
     """One header entry, checked: a byte range that fits its dtype and shape, inside the data section."""
+    corrupt = f"{path}: corrupt safetensors header entry for tensor '{name}'"
     try:
         dtype = meta["dtype"]
-        shape = tuple(int(d) for d in meta["shape"])
-        begin, end = (int(x) for x in meta["data_offsets"])
+        shape = tuple(_whole(d) for d in meta["shape"])
+        begin, end = (_whole(x) for x in meta["data_offsets"])
     except (KeyError, TypeError, ValueError):
-        raise Lora2ggufError(f"{path}: corrupt safetensors header entry for tensor '{name}'") from None
+        raise Lora2ggufError(corrupt) from None
     if begin < 0 or end < begin:
-        raise Lora2ggufError(f"{path}: corrupt safetensors header entry for tensor '{name}'")
+        raise Lora2ggufError(f"{corrupt} (data_offsets [{begin}, {end}]: negative or reversed)")
+    if not isinstance(dtype, str) or any(d < 0 for d in shape):
+        raise Lora2ggufError(f"{corrupt} (dtype {dtype!r}, shape {list(shape)})")
     if dtype in _DTYPES and end - begin != _DTYPES[dtype][0] * math.prod(shape):
         raise Lora2ggufError(
             f"{path}: tensor '{name}' declares {end - begin} bytes but {dtype}{list(shape)} needs "
@@ -139,12 +169,35 @@ def read_header(path: Path) -> list[TensorEntry]:
     entries = [
         _entry(path, name, meta, data_start, data_bytes) for name, meta in header.items() if name != "__metadata__"
     ]
-    covered = max((e.offset + e.nbytes - data_start for e in entries), default=0)
-    if covered != data_bytes:
-        raise Lora2ggufError(
-            f"{path}: corrupt safetensors file: tensors cover {covered} data bytes but the file holds {data_bytes}"
-        )
+    _check_layout(path, entries, data_start, data_bytes)
     return entries
+
+
+def _check_layout(path: Path, entries: list[TensorEntry], data_start: int, data_bytes: int) -> None:
+    """The byte ranges, in offset order, must tile the data section exactly, as the safetensors
+    library requires: an overlap would read one tensor's bytes as another's, a gap or trailing
+    bytes mean the header does not describe the file."""
+    end = 0
+    previous: TensorEntry | None = None
+    for entry in sorted(entries, key=lambda e: (e.offset, e.nbytes)):
+        begin = entry.offset - data_start
+        if begin < end:
+            assert previous is not None
+            raise Lora2ggufError(
+                f"{path}: corrupt safetensors header: tensor '{entry.name}' (data bytes {begin}-{begin + entry.nbytes})"
+                f" overlaps tensor '{previous.name}' (data bytes {previous.offset - data_start}-{end})"
+            )
+        if begin > end:
+            raise Lora2ggufError(
+                f"{path}: corrupt safetensors header: {begin - end} unused bytes before tensor '{entry.name}' "
+                f"(it starts at data byte {begin}, the tensor before it ends at {end})"
+            )
+        end, previous = begin + entry.nbytes, entry
+    if end != data_bytes:
+        raise Lora2ggufError(
+            f"{path}: corrupt safetensors file: tensors cover {end} data bytes but the file holds {data_bytes} "
+            f"({data_bytes - end} bytes after the last tensor)"
+        )
 
 
 def read_metadata(path: Path) -> dict[str, Any]:
@@ -157,12 +210,15 @@ def read_metadata(path: Path) -> dict[str, Any]:
 def find_weight_files(model_dir: Path) -> list[Path]:
     """The checkpoint's safetensors parts, sorted by name (the order llama.cpp's converter uses)."""
     index = model_dir / "model.safetensors.index.json"
+    check_links_inside(model_dir, [index, *model_dir.glob("model*.safetensors")])
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
             parts = sorted({str(v) for v in weight_map.values()})
         except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
             raise Lora2ggufError(f"{index}: cannot read key 'weight_map': {exc}") from None
+        # An index may name any path ("../elsewhere.safetensors"): each part must lie in the folder too.
+        check_links_inside(model_dir, [model_dir / p for p in parts])
         missing = [p for p in parts if not (model_dir / p).is_file()]
         if missing:
             raise Lora2ggufError(f"{index}: lists weight files that do not exist: {', '.join(missing)}")

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from lora2gguf import hf
-from lora2gguf.artifacts import atomic_file, sha256_file, sha256_tree, write_json
+from lora2gguf.artifacts import Output, atomic_file, check_paths, sha256_file, sha256_tree, write_json
 from lora2gguf.errors import Lora2ggufError
 from lora2gguf.formats.imatrix import Imatrix, write_imatrix
 from lora2gguf.imatrix.collect import CollectStats, collect
@@ -36,6 +36,22 @@ class ImatrixOptions:
     threads: int = os.cpu_count() or 1
     trust_remote_code: bool = False
     allow_pickle: bool = False
+
+
+def _report_path(options: ImatrixOptions) -> Path:
+    return options.report or options.out.with_suffix(".json")
+
+
+def _check_paths(options: ImatrixOptions) -> None:
+    """The imatrix and its report must not overwrite the model, the text or each other (an --out
+    named *.json has the default report's own name), nor land on a folder."""
+    check_paths(
+        [("--model", options.model), ("--text", options.text)],
+        [
+            Output("--out", options.out),
+            Output("--report" if options.report else "the report (OUT with .json suffix)", _report_path(options)),
+        ],
+    )
 
 
 def _read_text(options: ImatrixOptions) -> str:
@@ -68,9 +84,12 @@ def _collect(options: ImatrixOptions, text: str) -> tuple[Imatrix, CollectStats,
     return imatrix, stats, mem
 
 
-def _report(options: ImatrixOptions, imatrix: Imatrix, stats: CollectStats, mem: PeakMemory) -> dict[str, Any]:
+def _report(
+    options: ImatrixOptions, imatrix: Imatrix, stats: CollectStats, mem: PeakMemory, written: Path
+) -> dict[str, Any]:
+    """The report; ``written`` holds the imatrix's bytes (its temporary path, before the rename)."""
     body = {
-        "output": {"path": str(options.out), "sha256": sha256_file(options.out), "entries": len(imatrix.entries)},
+        "output": {"path": str(options.out), "sha256": sha256_file(written), "entries": len(imatrix.entries)},
         "model": {"path": str(options.model), "sha256": sha256_tree(options.model)},
         "calibration": {
             "text": str(options.text),
@@ -97,15 +116,25 @@ def _report(options: ImatrixOptions, imatrix: Imatrix, stats: CollectStats, mem:
 
 def compute_imatrix(options: ImatrixOptions) -> dict[str, Any]:
     """Write the importance matrix to ``options.out`` and its report next to it (or to ``options.report``)."""
+    _check_paths(options)
     text = _read_text(options)
     imatrix, stats, mem = _collect(options, text)
-    with atomic_file(options.out) as tmp:
-        write_imatrix(tmp, imatrix)
-    logger.info(
-        "%s: %d matrices from %d tokens in %d chunks of %d (%.1f s on %s)",
-        options.out, len(imatrix.entries), stats.tokens_used, stats.chunks, options.chunk_size, stats.seconds,
-        stats.device,
-    )
-    report = _report(options, imatrix, stats, mem)
-    write_json(options.report or options.out.with_suffix(".json"), report)
+    report_path, report_written = _report_path(options), False
+    try:
+        with atomic_file(options.out) as tmp:
+            write_imatrix(tmp, imatrix)
+            logger.info(
+                "%s: %d matrices from %d tokens in %d chunks of %d (%.1f s on %s)",
+                options.out, len(imatrix.entries), stats.tokens_used, stats.chunks, options.chunk_size,
+                stats.seconds, stats.device,
+            )  # fmt: skip
+            report = _report(options, imatrix, stats, mem, written=tmp)
+            # Written before the imatrix is renamed into place: a failure here leaves neither.
+            write_json(report_path, report)
+            report_written = True
+    except BaseException:
+        if report_written:
+            # The imatrix failed after its report was written (a flush or the rename): no report of nothing.
+            report_path.unlink(missing_ok=True)
+        raise
     return report

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lora2gguf.artifacts import sha256_file, write_json
+from lora2gguf.artifacts import Output, check_paths, sha256_file, write_json
 from lora2gguf.errors import Lora2ggufError
 from lora2gguf.layout import COMPARISON_PLOTS, FOLDER_OUTPUTS, RULE_OUTPUTS
 from lora2gguf.provenance import SCHEMA_VERSION, build_report
@@ -170,8 +170,16 @@ def build_manifest(
     return build_report(REPORT_KIND, body)
 
 
+def _check_paths(options: ManifestOptions) -> None:
+    """The manifest must not overwrite, or land inside, a file or folder it hashes, nor be a folder."""
+    hashed = [(f"--input {role}", path) for role, path in options.inputs]
+    hashed += [("--output", path) for path in options.outputs]
+    check_paths(hashed, [Output("--out", options.out)])
+
+
 def write_manifest(options: ManifestOptions) -> dict[str, Any]:
     """Hash the build, write the manifest atomically and log its totals."""
+    _check_paths(options)
     manifest = build_manifest(options.model, options.inputs, options.outputs, options.config)
     write_json(options.out, manifest)
     totals = manifest["totals"]

@@ -8,11 +8,12 @@ manifest itself cannot be read.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lora2gguf.artifacts import read_json, sha256_file, write_json
+from lora2gguf.artifacts import Output, check_paths, read_json, sha256_file, write_json
 from lora2gguf.errors import Lora2ggufError
 from lora2gguf.manifest.build import IGNORED_NAMES, SCHEMA
 from lora2gguf.provenance import build_report
@@ -50,6 +51,25 @@ def _check_manifest_shape(path: Path, manifest: Any) -> None:
             isinstance(e, dict) and {"path", "size", "sha256"} <= e.keys() for e in entries
         ):
             raise Lora2ggufError(f"{path}: key '{key}' must be a list of {{path, size, sha256}} entries")
+        for index, entry in enumerate(entries):
+            _check_entry(path, f"{key}[{index}]", entry)
+
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _check_entry(path: Path, where: str, entry: dict[str, Any]) -> None:
+    """One listed file: a relative path, a byte count and a sha256 that can be compared (a null or
+    a truncated checksum would otherwise crash the comparison or match nothing)."""
+    name = entry["path"]
+    if not isinstance(name, str) or not name:
+        raise Lora2ggufError(f"{path}: {where}.path must be a non-empty string, got {name!r}")
+    size = entry["size"]
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise Lora2ggufError(f"{path}: {where}.size ({name}) must be a byte count, got {size!r}")
+    digest = entry["sha256"]
+    if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
+        raise Lora2ggufError(f"{path}: {where}.sha256 ({name}) must be 64 lowercase hex digits, got {digest!r}")
 
 
 def _compare_files(
@@ -135,9 +155,27 @@ def _log_problems(verdict: dict[str, Any]) -> None:
         logger.error("added: %s (not in the manifest)", rel)
 
 
+def _check_json_out(options: VerifyOptions) -> None:
+    """--json must not overwrite the manifest or a file it lists, nor land in a listed folder."""
+    if options.json_out is None:
+        return
+    check_paths([("MANIFEST", options.manifest)], [Output("--json", options.json_out)])
+    manifest = read_json(options.manifest)
+    _check_manifest_shape(options.manifest, manifest)
+    base = _root(manifest, options.root)
+    listed = [(f"listed in the manifest's {section}", base / e["path"]) for section in ("inputs", "outputs")
+              for e in manifest[section]]  # fmt: skip
+    folders = manifest.get("folders")
+    for section, by_folder in folders.items() if isinstance(folders, dict) else ():
+        if isinstance(by_folder, dict):
+            listed += [(f"a folder of the manifest's {section}", base / folder) for folder in by_folder]
+    check_paths([("MANIFEST", options.manifest), *listed], [Output("--json", options.json_out)])
+
+
 def verify(options: VerifyOptions) -> int:
     """Check a build against its manifest, log every problem, write the verdict report when asked.
     Returns the exit status: 0 when everything matches, 1 otherwise."""
+    _check_json_out(options)
     verdict = verify_manifest(options.manifest, options.root, options.outputs_only)
     _log_problems(verdict)
     if options.json_out:

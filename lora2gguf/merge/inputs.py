@@ -8,28 +8,20 @@ is loaded, and always with the file and tensor named.
 from __future__ import annotations
 
 import logging
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lora2gguf.artifacts import read_json
+from lora2gguf.artifacts import HF_TOKENIZER_FILES, check_links_inside, read_json
 from lora2gguf.errors import Lora2ggufError
 from lora2gguf.formats.safetensors import TensorEntry, read_header
 
 logger = logging.getLogger(__name__)
 
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.model",
-    "chat_template.jinja",
-    "chat_template.json",
-)
+# One list of tokenizer files for the whole package (artifacts is the base module that owns it).
+TOKENIZER_FILES = HF_TOKENIZER_FILES
 
 
 @dataclass
@@ -68,6 +60,8 @@ def _index_shards(index: Path) -> list[Path]:
     if not isinstance(weight_map, dict) or not weight_map:
         raise Lora2ggufError(f"{index}: key 'weight_map' missing or empty")
     shards = [index.parent / name for name in sorted(set(weight_map.values()))]
+    # The index may name any path ("../elsewhere.safetensors"): each shard must lie in the folder too.
+    check_links_inside(index.parent, shards)
     for shard in shards:
         if not shard.is_file():
             raise Lora2ggufError(f"{index}: lists shard '{shard.name}', which is missing from {index.parent}")
@@ -78,6 +72,8 @@ def find_base_weights(base: Path, allow_pickle: bool) -> WeightSource:
     """Locate a base model's weights, preferring safetensors and refusing pickle unless allowed."""
     if not (base / "config.json").is_file():
         raise Lora2ggufError(f"{base}: not a Hugging Face model folder (config.json missing)")
+    # Weights, configs and tokenizer files are read from here (tokenizer files copied into the output).
+    check_links_inside(base)
     index = base / "model.safetensors.index.json"
     if index.is_file():
         source = WeightSource("safetensors", _index_shards(index), index_file=index)
@@ -122,6 +118,8 @@ def read_adapter_config(adapter: Path) -> dict[str, Any]:
         raise Lora2ggufError(f"{adapter}: adapter folder not found")
     if not path.is_file():
         raise Lora2ggufError(f"{path}: file not found (not a peft adapter folder?)")
+    # Adapter and tokenizer files are read from here (tokenizer files copied into the output).
+    check_links_inside(adapter)
     cfg = read_json(path)
     if not isinstance(cfg, dict):
         raise Lora2ggufError(f"{path}: expected a JSON object")
@@ -265,6 +263,7 @@ def check_adapter_fits_base(
     Returns facts the merge needs: the vocabulary size that modules_to_save copies imply (a resized
     embedding) and which full-weight copies the adapter carries.
     """
+    check_adapter_changes_model(adapter, adapter_cfg)
     lookup = _Base(base, base_config.get("vocab_size"), bool(base_config.get("tie_word_embeddings", False)))
     fan_in_fan_out = bool(adapter_cfg.get("fan_in_fan_out", False))
     resized_rows: dict[str, int] = {}
@@ -289,3 +288,86 @@ def check_adapter_fits_base(
         "full_weight_tensors": sorted(set(full_copies)),
         "lora_tensors": sum(1 for k in adapter.tensors if _LORA_RE.match(_strip_prefix(k))),
     }
+
+
+def _lora_parts(adapter: WeightSource) -> dict[str, set[str]]:
+    """The LoRA parts (lora_A, lora_B, magnitude...) each adapted module has, biases aside."""
+    modules: dict[str, set[str]] = {}
+    for key in adapter.tensors:
+        match = _LORA_RE.match(_strip_prefix(key))
+        if match is not None and match["leaf"] != "bias":
+            modules.setdefault(match["module"], set()).add(match["part"])
+    return modules
+
+
+_PAIRS = (("lora_A", "lora_B"), ("lora_embedding_A", "lora_embedding_B"))
+
+
+def _check_pairs(path: Path, module: str, parts: set[str], use_dora: bool) -> None:
+    """One module's factors come in pairs: peft would start a missing lora_B at zero (the module
+    is left unchanged) and a missing lora_A at random values (changed arbitrarily)."""
+    if not parts & {part for pair in _PAIRS for part in pair}:
+        raise Lora2ggufError(f"{path}: module '{module}' has a magnitude vector but no lora_A/lora_B factors")
+    for a, b in _PAIRS:
+        if (a in parts) != (b in parts):
+            have, lack = (a, b) if a in parts else (b, a)
+            raise Lora2ggufError(
+                f"{path}: module '{module}' has {have} but no {lack} (an incomplete adapter: peft would leave "
+                f"{lack} at its initial value, so the merge would not be the trained model)"
+            )
+    if use_dora and "lora_magnitude_vector" not in parts:
+        raise Lora2ggufError(
+            f"{path}: adapter_config.json sets use_dora but module '{module}' has no lora_magnitude_vector "
+            "(peft would use the base's own norms: not the trained DoRA adapter)"
+        )
+
+
+def _alpha_values(adapter_cfg: dict[str, Any]) -> dict[str, Any]:
+    """lora_alpha (peft's default 8 when absent) and every alpha_pattern value, by config key."""
+    pattern = adapter_cfg.get("alpha_pattern") or {}
+    pattern_values = pattern.items() if isinstance(pattern, dict) else ()
+    return {"lora_alpha": adapter_cfg.get("lora_alpha", 8), **{f"alpha_pattern.{k}": v for k, v in pattern_values}}
+
+
+def _check_alphas(adapter_cfg: dict[str, Any], cfg_path: Path) -> dict[str, float]:
+    if not isinstance(adapter_cfg.get("alpha_pattern") or {}, dict):
+        raise Lora2ggufError(f"{cfg_path}: key 'alpha_pattern' is {adapter_cfg['alpha_pattern']!r}, expected an object")
+    values = _alpha_values(adapter_cfg)
+    for key, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise Lora2ggufError(f"{cfg_path}: key '{key}' is {value!r}, expected a number")
+    return values
+
+
+def alpha_warnings(adapter_cfg: dict[str, Any]) -> list[str]:
+    """Warnings about negative scales (lora_alpha or alpha_pattern): peft merges them without a word,
+    subtracting the trained update instead of adding it -- almost always a typo in a config."""
+    return [
+        f"adapter_config.json: {key} is {value} (negative): the merge subtracts the trained update instead of "
+        "adding it; check the training configuration"
+        for key, value in _alpha_values(adapter_cfg).items()
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0
+    ]
+
+
+def check_adapter_changes_model(adapter: WeightSource, adapter_cfg: dict[str, Any]) -> None:
+    """Refuse an adapter whose merge would give back the base unchanged (or not the trained model):
+    no tensors, unpaired factors, DoRA without magnitudes, every alpha zero. Negative alphas warn."""
+    path = adapter.files[0]
+    cfg_path = path.parent / "adapter_config.json"
+    modules = _lora_parts(adapter)
+    full_copies = [k for k in adapter.tensors if _LORA_RE.match(_strip_prefix(k)) is None]
+    if not modules and not full_copies:
+        raise Lora2ggufError(
+            f"{path}: no LoRA tensors (lora_A/lora_B) and no full module copies: merging it would change nothing"
+        )
+    for module, parts in sorted(modules.items()):
+        _check_pairs(path, module, parts, bool(adapter_cfg.get("use_dora", False)))
+    alphas = _check_alphas(adapter_cfg, cfg_path)
+    if modules and all(value == 0 for value in alphas.values()):
+        raise Lora2ggufError(
+            f"{cfg_path}: key 'lora_alpha' is 0: every LoRA update is scaled by lora_alpha / r = 0, so merging "
+            "would change nothing"
+        )
+    for message in alpha_warnings(adapter_cfg):
+        logger.warning("%s", message)

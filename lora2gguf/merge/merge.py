@@ -3,8 +3,8 @@
 Flow: check the inputs from file headers (merge.inputs) -> load base (+ resize a vocabulary the
 adapter extended) -> PeftModel -> reference logits on a fixed batch -> merge_and_unload(safe_merge)
 -> reject NaN/Inf -> write weights, config, generation config and tokenizer into a temporary folder
--> reload that folder and compare its logits with the reference (merge.verify) -> rename into place
--> write the report. Any failure leaves no output folder and no report.
+-> reload that folder and compare its logits with the reference (merge.verify) -> write the report
+-> rename the folder into place. Any failure leaves no output folder and no report.
 """
 
 from __future__ import annotations
@@ -20,7 +20,18 @@ from pathlib import Path
 from typing import Any
 
 from lora2gguf import hf
-from lora2gguf.artifacts import atomic_dir, read_json, sha256_file, sha256_tree, write_json
+from lora2gguf.artifacts import (
+    HF_MODEL_FILES,
+    FolderShape,
+    Output,
+    atomic_dir,
+    check_links_inside,
+    check_paths,
+    read_json,
+    sha256_file,
+    sha256_tree,
+    write_json,
+)
 from lora2gguf.errors import Lora2ggufError
 from lora2gguf.formats.safetensors import read_header, read_metadata
 from lora2gguf.merge import inputs as mi
@@ -32,6 +43,10 @@ logger = logging.getLogger(__name__)
 
 DTYPES = hf.DTYPES
 DEVICES = ("auto", "cpu", "cuda")
+
+# What a previous merge output holds (all a merge writes): only such a folder is replaced by a rerun.
+# No marker file is added: the folder's bytes are compared across versions.
+OUTPUT_SHAPE = FolderShape("merge", (*HF_MODEL_FILES, *TOKENIZER_FILES))
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(B|KB|MB|GB|TB|KIB|MIB|GIB|TIB)?\s*$", re.IGNORECASE)
 _SIZE_UNITS = {
@@ -116,35 +131,56 @@ def merge_adapter(options: MergeOptions) -> dict[str, Any]:
     trace = _Trace()
     inputs = _check_inputs(options, trace)
     dev, load_kwargs = _torch_setup(options, inputs)
-    with Timer() as total, PeakMemory(cuda=dev.startswith("cuda")) as mem:
-        with Timer() as t:
-            tokenizer, base_model = _load_base(options, inputs, load_kwargs, dev, trace)
-            peft_model = _load_adapter(base_model, options, inputs, trace)
-            del base_model
-        trace.timings["load_s"] = t.seconds
-        ref = _reference_logits(peft_model, tokenizer, options, inputs, dev, trace)
-        merged, tying = _merge(peft_model, inputs, trace)
-        del peft_model
+    report_written = False
+    try:
         with atomic_dir(options.out) as tmp:
-            written = _write_folder(merged, tokenizer, tmp, options, inputs, trace)
-            # `merged` is the base module itself: drop the last reference so the reload below does not
-            # hold two copies of the weights at once.
-            del merged
-            _release_memory()
-            verified = _verify_written(tmp, ref, load_kwargs, dev, options, inputs, tying, trace)
+            with Timer() as total, PeakMemory(cuda=dev.startswith("cuda")) as mem:
+                ref, tying, written, verified = _merge_into(tmp, options, inputs, dev, load_kwargs, trace)
+            _log_merged(options, inputs, dev, verified, total.seconds)
+            report = _report(
+                options, inputs, dev=dev, ref=ref, tying=tying, written=written, verified=verified, trace=trace,
+                total_s=total.seconds, memory=mem.as_dict(),
+            )  # fmt: skip
+            if options.report is not None:
+                # Written before the folder is renamed into place: a failure here leaves neither.
+                write_json(options.report, report)
+                report_written = True
+    except BaseException:
+        if report_written and options.report is not None:
+            # The folder failed after its report was written (a flush or the rename): no report of nothing.
+            options.report.unlink(missing_ok=True)
+        raise
+    return report
+
+
+def _log_merged(options: MergeOptions, inputs: _Inputs, dev: str, verified: _Verified, seconds: float) -> None:
     metrics = verified.metrics
     logger.info(
         "merged %s: max|Δlogit| %.3g, mean KL %.3g, top-1 %.4f (%s, %s) in %.1f s",
         options.out, metrics["max_abs_logit_delta"], metrics["mean_kl"], metrics["top1_agreement"],
-        inputs.dtype_name, dev, total.seconds,
+        inputs.dtype_name, dev, seconds,
     )  # fmt: skip
-    report = _report(
-        options, inputs, dev=dev, ref=ref, tying=tying, written=written, verified=verified, trace=trace,
-        total_s=total.seconds, memory=mem.as_dict(),
-    )  # fmt: skip
-    if options.report is not None:
-        write_json(options.report, report)
-    return report
+
+
+def _merge_into(
+    tmp: Path, options: MergeOptions, inputs: _Inputs, dev: str, load_kwargs: dict[str, Any], trace: _Trace
+) -> tuple[_Reference, dict[str, Any], _Written, _Verified]:
+    """Load, merge, write the merged model into ``tmp`` and verify it there."""
+    with Timer() as t:
+        tokenizer, base_model = _load_base(options, inputs, load_kwargs, dev, trace)
+        peft_model = _load_adapter(base_model, options, inputs, trace)
+        del base_model
+    trace.timings["load_s"] = t.seconds
+    ref = _reference_logits(peft_model, tokenizer, options, inputs, dev, trace)
+    merged, tying = _merge(peft_model, inputs, trace)
+    del peft_model
+    written = _write_folder(merged, tokenizer, tmp, options, inputs, trace)
+    # `merged` is the base module itself: drop the last reference so the reload below does not
+    # hold two copies of the weights at once.
+    del merged
+    _release_memory()
+    verified = _verify_written(tmp, ref, load_kwargs, dev, options, inputs, tying, trace)
+    return ref, tying, written, verified
 
 
 def _check_options(options: MergeOptions) -> int:
@@ -154,10 +190,14 @@ def _check_options(options: MergeOptions) -> int:
     if options.device not in DEVICES:
         raise Lora2ggufError(f"device {options.device!r} (merge.device) is not one of {', '.join(DEVICES)}")
     shard_bytes = parse_size(options.shard_size)
-    if options.eval_text is not None and not Path(options.eval_text).is_file():
-        raise Lora2ggufError(f"{options.eval_text}: evaluation text not found (--eval-text / evaluation.text)")
     if options.out.resolve() in (options.base.resolve(), options.adapter.resolve()):
         raise Lora2ggufError(f"{options.out}: the output folder must differ from the base and adapter folders")
+    check_paths(
+        [("--base", options.base), ("--adapter", options.adapter), ("--eval-text", options.eval_text)],
+        [Output("--out", options.out, OUTPUT_SHAPE), Output("--report", options.report)],
+    )
+    if options.eval_text is not None and not Path(options.eval_text).is_file():
+        raise Lora2ggufError(f"{options.eval_text}: evaluation text not found (--eval-text / evaluation.text)")
     return shard_bytes
 
 
@@ -420,6 +460,8 @@ def _report(
             "eval_text": None if options.eval_text is None else str(options.eval_text),
         },
         "adapter": _adapter_facts(inputs),
+        # Negative lora_alpha / alpha_pattern values (logged as warnings by the input checks).
+        "adapter_warnings": mi.alpha_warnings(inputs.adapter_cfg),
         "base_check": {**inputs.name_check, "shapes_match": True, "weights_format": inputs.base_w.kind},
         "settings": _settings(options, inputs, dev),
         "verification": {
@@ -509,13 +551,18 @@ def _tokenizer_source(adapter: Path, base: Path) -> Path:
 
 
 def _copy_tokenizer(source: Path, dest: Path) -> list[str]:
-    """Copy tokenizer files byte for byte: re-serialising could drop a chat template or added tokens."""
+    """Copy tokenizer files byte for byte: re-serialising could drop a chat template or added tokens.
 
+    The output is what gets published: a file that resolves outside ``source`` (a link to a private
+    key, say) is refused, and the copies get ordinary permissions, not the source's mode.
+    """
+    present = [name for name in TOKENIZER_FILES if (source / name).is_file()]
+    check_links_inside(source, [source / name for name in present])
     copied = []
-    for name in TOKENIZER_FILES:
-        if (source / name).is_file():
-            shutil.copyfile(source / name, dest / name)
-            copied.append(name)
+    for name in present:
+        # copyfile copies the bytes only: the copy is created with the umask's mode, never the source's.
+        shutil.copyfile(source / name, dest / name)
+        copied.append(name)
     if not copied:
         raise Lora2ggufError(f"{source}: no tokenizer files (tokenizer.json / tokenizer_config.json) found")
     return copied

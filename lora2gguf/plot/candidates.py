@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lora2gguf.artifacts import read_json
-from lora2gguf.errors import Lora2ggufError
-from lora2gguf.plot.figures import pyplot, save_figure
-
-logger = logging.getLogger(__name__)
+from lora2gguf.artifacts import Output, check_paths
+from lora2gguf.plot.figures import MALFORMED, draw_figure, malformed_report, pyplot, read_report, save_figures
 
 
 @dataclass
@@ -24,11 +20,13 @@ class CandidatesPlotOptions:
 
 def draw_candidates(options: CandidatesPlotOptions) -> None:
     """Read model_analysis.json and draw its plot; a malformed report names its file."""
-    analysis = read_json(options.analysis)
+    check_paths([("--analysis", options.analysis)], [Output("--out", options.out)])
+    analysis = read_report(options.analysis)
     try:
-        plot_candidates(analysis, options.out)
-    except (KeyError, TypeError) as exc:
-        raise Lora2ggufError(f"{options.analysis}: missing or malformed key {exc}") from None
+        fig = draw_figure(plot_candidates, analysis)
+    except MALFORMED as exc:
+        raise malformed_report(options.analysis, exc) from None
+    save_figures([(fig, options.out)])
 
 
 def _final_losses(bars: Any, analysis: dict[str, Any]) -> None:
@@ -77,11 +75,11 @@ def _training_curves(curves: Any, analysis: dict[str, Any]) -> None:
         curves.text(0.5, 0.5, "no log_history recorded", ha="center", transform=curves.transAxes)
 
 
-def plot_candidates(analysis: dict[str, Any], out: Path) -> None:
+def plot_candidates(analysis: dict[str, Any]) -> Any:
+    """The candidates figure, drawn but not saved (a malformed report fails here, before any file)."""
     plt = pyplot()
     fig, (bars, curves) = plt.subplots(1, 2, figsize=(12, 4.5))
     _final_losses(bars, analysis)
     _training_curves(curves, analysis)
     fig.suptitle("LoRA candidates")
-    save_figure(fig, out)
-    logger.info("wrote %s", out)
+    return fig

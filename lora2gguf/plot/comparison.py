@@ -5,19 +5,16 @@ They read only the JSON report (nothing is recomputed). ``apply_style`` holds th
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lora2gguf.artifacts import read_json
+from lora2gguf.artifacts import Output, check_paths
 from lora2gguf.errors import Lora2ggufError
 from lora2gguf.layout import COMPARISON_PLOT_NAME, COMPARISON_PLOTS, SIZE_VS_KL, SIZE_VS_PERPLEXITY, SPEED
+from lora2gguf.plot.figures import MALFORMED, draw_figure, malformed_report, read_report, save_figures
 from lora2gguf.plot.figures import pyplot as plain_pyplot
-from lora2gguf.plot.figures import save_figure
-
-logger = logging.getLogger(__name__)
 
 STYLE: dict[str, Any] = {
     "figure.figsize": (8.0, 5.0),
@@ -111,7 +108,7 @@ def _annotate(ax: Any, x: float, y: float, text: str, slot: tuple[str, int]) -> 
     )
 
 
-def plot_size_vs_kl(report: dict[str, Any], model: str, out: Path) -> None:
+def plot_size_vs_kl(report: dict[str, Any], model: str) -> Any:
     plt = pyplot()
     fig, ax = plt.subplots()
     points = _points(report)
@@ -141,11 +138,10 @@ def plot_size_vs_kl(report: dict[str, Any], model: str, out: Path) -> None:
     ax.scatter([], [], facecolors="none", edgecolors="grey", label="99th percentile")
     ax.legend(loc="upper right")
     ax.set_title(f"{model}: size vs KL divergence ({report['settings']['positions_scored']} positions)")
-    save_figure(fig, out)
-    logger.info("wrote %s", out)
+    return fig
 
 
-def plot_size_vs_perplexity(report: dict[str, Any], model: str, out: Path) -> None:
+def plot_size_vs_perplexity(report: dict[str, Any], model: str) -> Any:
     plt = pyplot()
     fig, ax = plt.subplots()
     ref = report["reference"]["perplexity"]
@@ -163,11 +159,10 @@ def plot_size_vs_perplexity(report: dict[str, Any], model: str, out: Path) -> No
     ax.set_title(f"{model}: size vs perplexity (llama.cpp, {report['settings']['tokens_scored']} tokens)")
     ax.margins(x=0.15, y=0.2)
     _room_for_left_labels(ax, xs, slots)
-    save_figure(fig, out)
-    logger.info("wrote %s", out)
+    return fig
 
 
-def plot_speed(report: dict[str, Any], model: str, out: Path) -> None:
+def plot_speed(report: dict[str, Any], model: str) -> Any:
     plt = pyplot()
     points = _points(report)
     labels = [m["label"] for m in points]
@@ -198,8 +193,7 @@ def plot_speed(report: dict[str, Any], model: str, out: Path) -> None:
             + (f" on {cpus} CPUs" if cpus else ""),
             ha="center", fontsize=9, color=REFERENCE_COLOR,
         )
-    save_figure(fig, out)
-    logger.info("wrote %s", out)
+    return fig
 
 
 PLOTTERS = {
@@ -209,12 +203,18 @@ PLOTTERS = {
 }
 
 
-def plot_comparison(report: dict[str, Any], model: str, outputs: dict[str, Path]) -> None:
-    """Draw each requested kind (one of layout.COMPARISON_PLOTS) to its path."""
-    if not report.get("models"):
-        raise ValueError("compare_models.json has no models to plot")
-    for kind, out in outputs.items():
-        PLOTTERS[kind](report, model, out)
+def plot_comparison(report: dict[str, Any], model: str, kinds: list[str]) -> list[Any]:
+    """The figure of each requested kind (layout.COMPARISON_PLOTS), all drawn before any is saved, so
+    that a report that fails on the last one leaves no plot behind."""
+    figures: list[Any] = []
+    try:
+        for kind in kinds:
+            figures.append(draw_figure(PLOTTERS[kind], report, model))
+    except BaseException:
+        for fig in figures:
+            plain_pyplot().close(fig)
+        raise
+    return figures
 
 
 @dataclass
@@ -243,12 +243,25 @@ def _outputs(options: ComparisonPlotOptions, model: str) -> dict[str, Path]:
     return outputs
 
 
+def _check_paths(options: ComparisonPlotOptions, outputs: dict[str, Path]) -> None:
+    """No plot may overwrite the report or another plot, or land on a folder."""
+    labels = {kind: f"--{kind}" if kind in options.paths else f"the {kind} plot (--out-dir)" for kind in outputs}
+    check_paths([("--compare", options.compare)], [Output(labels[kind], path) for kind, path in outputs.items()])
+
+
 def draw_comparison(options: ComparisonPlotOptions) -> None:
     """Read compare_models.json and draw the requested plots; a malformed report names its file."""
-    report = read_json(options.compare)
-    model = options.model or _model_name(report, options.compare)
-    outputs = _outputs(options, model)
+    report = read_report(options.compare)
+    if not report.get("models"):
+        raise Lora2ggufError(f"{options.compare}: key 'models' is missing or empty: no models to plot")
     try:
-        plot_comparison(report, model, outputs)
-    except (KeyError, TypeError, ValueError) as exc:
-        raise Lora2ggufError(f"{options.compare}: missing or malformed key {exc}") from None
+        model = options.model or _model_name(report, options.compare)
+    except MALFORMED as exc:
+        raise malformed_report(options.compare, exc) from None
+    outputs = _outputs(options, model)
+    _check_paths(options, outputs)
+    try:
+        figures = plot_comparison(report, model, list(outputs))
+    except MALFORMED as exc:
+        raise malformed_report(options.compare, exc) from None
+    save_figures(list(zip(figures, outputs.values())))

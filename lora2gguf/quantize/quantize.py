@@ -29,14 +29,14 @@ import gguf
 import numpy as np
 from tqdm import tqdm
 
-from lora2gguf.artifacts import atomic_file, sha256_file, write_json
+from lora2gguf.artifacts import Output, atomic_file, check_paths, sha256_file, write_json
 from lora2gguf.errors import Lora2ggufError
 from lora2gguf.formats.gguf import GGUFFile, RawKVWriter, TensorEntry, copy_metadata, read_gguf
 from lora2gguf.formats.imatrix import Imatrix, read_imatrix
 from lora2gguf.provenance import PeakMemory, build_report
 from lora2gguf.quantize import blocks, kquants
 from lora2gguf.quantize.recipe import (
-    INTEGER_TYPES,
+    BLOCK,
     ModelInfo,
     Plan,
     TensorChoice,
@@ -269,6 +269,27 @@ def _summary_lines(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+# Source types the decoder reads besides the quantized ones. Integer and F64 tensors (not in the
+# models llama.cpp's converters write) have no decoder here, and the writer cannot size a copy of them.
+_SOURCE_FLOATS = ("F32", "F16", "BF16")
+
+
+def _check_tensors(src: Path, reader: GGUFFile) -> None:
+    """Refuse, naming the tensor, what would otherwise end in a traceback or an empty output."""
+    if not reader.tensors:
+        raise Lora2ggufError(f"{src}: the file holds no tensors: nothing to quantize")
+    for t in reader.tensors:
+        if 0 in t.shape:
+            raise Lora2ggufError(
+                f"{src}: tensor {t.name} has a zero dimension (shape {list(t.shape)}): no weights to quantize"
+            )
+        if not (t.type_name in _SOURCE_FLOATS or is_quantized(t.type_name)):
+            raise Lora2ggufError(
+                f"{src}: tensor {t.name} has type {t.type_name}, which lora2gguf quantize does not handle "
+                f"(it reads {', '.join(_SOURCE_FLOATS)} and, with --allow-requantize, quantized tensors)"
+            )
+
+
 def _checked_plan(
     src: Path,
     reader: GGUFFile,
@@ -279,6 +300,7 @@ def _checked_plan(
 ) -> tuple[Plan, dict[str, np.ndarray], list[str]]:
     """The per-tensor types, refused before anything is written when a tensor cannot be converted;
     with the importance rows matched to the tensors, and the tensors the imatrix lacks."""
+    _check_tensors(src, reader)
     plan = plan_types(
         _specs(reader),
         model,
@@ -296,11 +318,20 @@ def _checked_plan(
     for c in plan.choices:
         if c.converts and c.dst_type not in blocks.ENCODABLE:
             raise Lora2ggufError(f"tensor {c.name}: cannot write type {c.dst_type}")
-        if c.converts and c.src_type in INTEGER_TYPES:
+        if c.dst_type not in BLOCK:  # kept as it is, in a type whose size the writer does not know
             raise Lora2ggufError(
-                f"{src}: tensor {c.name} of type {c.src_type} cannot be converted to {c.dst_type}"
+                f"{src}: tensor {c.name} of type {c.dst_type} cannot be copied by lora2gguf quantize"
             )
     return plan, importance, unweighted
+
+
+def _check_paths(src: Path, dst: Path, sidecar: Path, options: QuantizeOptions, *, given: bool) -> None:
+    """The GGUF and its sidecar must not overwrite the input, the imatrix or each other (an output
+    named *.json has the default sidecar's own name), nor land on a folder."""
+    check_paths(
+        [("IN.gguf", src), ("--imatrix", options.imatrix)],
+        [Output("OUT.gguf", dst), Output("--sidecar" if given else "the sidecar (OUT with .json suffix)", sidecar)],
+    )
 
 
 def quantize_gguf(
@@ -311,10 +342,9 @@ def quantize_gguf(
 ) -> dict[str, Any]:
     """Quantize ``src`` into ``dst`` (atomically) and write the sidecar report; returns it."""
     src, dst = Path(src), Path(dst)
-    file_type = canonical_type(options.file_type)
-    if src.exists() and src.resolve() == dst.resolve():
-        raise Lora2ggufError(f"{dst}: output would overwrite the input")
     sidecar_path = Path(sidecar) if sidecar else default_sidecar(dst)
+    _check_paths(src, dst, sidecar_path, options, given=sidecar is not None)
+    file_type = canonical_type(options.file_type)
     threads = max(1, options.threads or os.cpu_count() or 1)
 
     started = time.perf_counter()
