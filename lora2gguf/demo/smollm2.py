@@ -16,6 +16,7 @@ from pathlib import Path
 
 from lora2gguf.artifacts import atomic_dir, sha256_file
 from lora2gguf.errors import Lora2ggufError
+from lora2gguf.formats.gguf import read_gguf
 
 logger = logging.getLogger(__name__)
 
@@ -48,12 +49,8 @@ def find_smollm2_gguf() -> Path:
 
 def _gguf_string(gguf_path: Path, key: str) -> str | None:
     """A string value of the GGUF metadata, or None when the key is absent."""
-    from gguf import GGUFReader
-
-    field = GGUFReader(str(gguf_path)).get_field(key)
-    if field is None:
-        return None
-    return bytes(field.parts[field.data[0]]).decode("utf-8")
+    value = read_gguf(gguf_path).metadata.get(key)
+    return value if isinstance(value, str) else None
 
 
 # The HF pre-tokenizers that llama.cpp's pre-tokenizer names stand for. transformers rebuilds a GGUF
