@@ -17,66 +17,15 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_snakemake, tiny_config, write_config
-
-from lora2gguf.cli import main
-
-
-def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
-    """Run `lora2gguf ARGV` in this process (torch loads once for the whole file) -> (status, log)."""
-    import logging
-
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    capsys.readouterr()
-    try:
-        status = main([*argv])
-    finally:
-        # main() points the root logger at this test's captured stderr; put the handlers back so
-        # that later tests do not log into a closed stream.
-        root.handlers[:] = handlers
-        root.setLevel(level)
-    captured = capsys.readouterr()
-    return status, captured.out + captured.err
-
-
-def assert_nothing_at(*paths: Path) -> None:
-    for path in paths:
-        assert not path.exists(), f"{path} was written"
-        if path.parent.is_dir():
-            leftovers = [p.name for p in path.parent.iterdir() if p.name.startswith(f".{path.name}.")]
-            assert not leftovers, f"temporary files left next to {path}: {leftovers}"
-
-
-def error_line(log: str) -> str:
-    lines = [line for line in log.splitlines() if "error: " in line]
-    assert lines, f"no 'error:' line in the log:\n{log[-2000:]}"
-    return lines[-1]
-
-
-def copy_with_bad_value(
-    src: Path, dst: Path, tensor_suffix: str, index: tuple[int, ...], value: float
-) -> tuple[Path, str]:
-    """Copy the model folder ``src`` to ``dst`` with one element of the tensor ending in
-    ``tensor_suffix`` set to ``value`` (NaN/Inf); returns the copy and the tensor's name."""
-    from safetensors.numpy import load_file, save_file
-
-    model = shutil.copytree(src, dst)
-    tensors = load_file(model / "model.safetensors")
-    name = next(n for n in sorted(tensors) if n.endswith(tensor_suffix))
-    tensors[name] = tensors[name].copy()
-    tensors[name][index] = value
-    save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
-    return model, name
-
-
-@pytest.fixture
-def eval_text(tmp_path: Path) -> Path:
-    from lora2gguf.demo.dataset import render_text
-
-    path = tmp_path / "eval.txt"
-    path.write_text(render_text("eval"), encoding="utf-8")
-    return path
+from conftest import (
+    assert_nothing_at,
+    copy_with_bad_value,
+    one_error_message,
+    run_cli,
+    run_snakemake,
+    tiny_config,
+    write_config,
+)
 
 
 def merge_argv(base: Path, adapter: Path, out: Path, report: Path, eval_text: Path) -> list[str]:
@@ -97,7 +46,7 @@ def test_corrupt_adapter_header(
     out, report = tmp_path / "models" / "m-merged", tmp_path / "results" / "merge_report.json"
     status, log = run_cli(capsys, *merge_argv(tiny_base, adapter, out, report, eval_text))
     assert status == 2
-    line = error_line(log)
+    line = one_error_message(log)
     assert str(weights) in line and "corrupt" in line, line
     assert_nothing_at(out, report)
 
@@ -110,7 +59,7 @@ def test_nan_in_base_weights(
     out, report = tmp_path / "models" / "m-merged", tmp_path / "results" / "merge_report.json"
     status, log = run_cli(capsys, *merge_argv(base, tiny_run, out, report, eval_text))
     assert status == 2
-    line = error_line(log)
+    line = one_error_message(log)
     assert f"{base / 'model.safetensors'}: base tensor" in line and "NaN/Inf" in line, line
     assert_nothing_at(out, report)
 
@@ -123,7 +72,7 @@ def test_inf_in_model_given_to_convert(tmp_path: Path, tiny_base: Path, capsys: 
     out = tmp_path / "gguf" / "model.gguf"
     status, log = run_cli(capsys, "convert", str(model), str(out), "--no-progress")
     assert status == 2
-    line = error_line(log)
+    line = one_error_message(log)
     assert "model.safetensors" in line and name in line, line
     assert_nothing_at(out)
 
@@ -146,16 +95,9 @@ def test_tokenizer_larger_than_embedding(
     out = tmp_path / "gguf" / "model.gguf"
     status, log = run_cli(capsys, "convert", str(model), str(out), "--no-progress")
     assert status == 2
-    line = error_line(log)
+    line = one_error_message(log)
     assert "tokenizer.json" in line and str(rows) in line, line
     assert_nothing_at(out)
-
-
-@pytest.fixture(scope="module")
-def f16_gguf(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path) -> Path:
-    out = tmp_path_factory.mktemp("f16") / "model.gguf"
-    assert main(["convert", str(tiny_base), str(out), "--no-progress"]) == 0
-    return out
 
 
 @pytest.mark.parametrize("damage", ["truncated", "not-gguf", "empty"])
@@ -171,7 +113,7 @@ def test_quantize_cli_refuses_damaged_gguf(
     sidecar = tmp_path / "out" / "model-q8_0.json"
     status, log = run_cli(capsys, "quantize", str(src), str(out), "Q8_0", "--threads", "1", "--sidecar", str(sidecar))
     assert status == 2
-    line = error_line(log)
+    line = one_error_message(log)
     assert str(src) in line, line
     assert_nothing_at(out, sidecar)
 
@@ -222,6 +164,6 @@ def test_imatrix_cli_refuses_bad_calibration_text(
         capsys, "imatrix", "--model", str(tiny_base), "--text", str(text), "--out", str(out), "--device", "cpu"
     )
     assert status == 2
-    line = error_line(log)
+    line = one_error_message(log)
     assert f"{text}: " in line and expected in line, line
     assert_nothing_at(out, out.with_suffix(".json"))

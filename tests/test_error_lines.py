@@ -21,42 +21,13 @@ from typing import Any
 
 import pytest
 
-from test_bad_inputs import assert_nothing_at, error_line, run_cli
+from conftest import assert_nothing_at, one_error_message, refused, run_cli
 
-from lora2gguf.artifacts import sha256_file, sha256_tree
+from lora2gguf.artifacts import sha256_file
 from lora2gguf.cli import main
 
 PROMPTS = json.dumps([{"id": "hello", "text": "I feel lonely at university. What can I do?"}])
 GENERATION = json.dumps({"max_new_tokens": 2})
-
-
-def digests(*paths: Path) -> dict[str, Any]:
-    """The sha256 of every input, files and folders alike, to compare before and after a command."""
-    return {str(p): sha256_tree(p) if p.is_dir() else sha256_file(p) for p in paths}
-
-
-def one_error_line(log: str) -> str:
-    lines = [line for line in log.splitlines() if "error: " in line]
-    assert len(lines) == 1, f"expected one 'error:' line, got {len(lines)}:\n{log[-3000:]}"
-    assert "Traceback" not in log, log[-3000:]
-    return error_line(log)
-
-
-@pytest.fixture(scope="module")
-def f16_gguf(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path) -> Path:
-    out = tmp_path_factory.mktemp("gguf") / "model.gguf"
-    assert main(["convert", str(tiny_base), str(out), "--no-progress"]) == 0
-    return out
-
-
-@pytest.fixture
-def eval_text(tmp_path: Path) -> Path:
-    from lora2gguf.demo.dataset import render_text
-
-    path = tmp_path / "inputs" / "eval.txt"
-    path.parent.mkdir(exist_ok=True)
-    path.write_text(render_text("eval"), encoding="utf-8")
-    return path
 
 
 # -- GGUF files damaged in place --------------------------------------------------------------------
@@ -125,27 +96,23 @@ def test_compare_survives_a_gguf_that_crashes_llama_cpp(
     arch = gguf.GGUFReader(f16_gguf).fields["general.architecture"].contents()
     good = Path(shutil.copy(f16_gguf, tmp_path / "inputs" / "good.gguf"))
     bad = patch_gguf(f16_gguf, tmp_path / "inputs" / "bad.gguf", set_uint32(f"{arch}.block_count", 0))
-    refused = patch_gguf(f16_gguf, tmp_path / "inputs" / "refused.gguf", set_uint32(f"{arch}.attention.head_count", 3))
+    declined = patch_gguf(f16_gguf, tmp_path / "inputs" / "refused.gguf", set_uint32(f"{arch}.attention.head_count", 3))
     assert crashes_llama_cpp(bad) < 0, "llama.cpp no longer crashes on this file: pick another"
-    inputs = [tiny_base, good, bad, refused, eval_text]
-    before = digests(*inputs)
     out = tmp_path / "results" / "compare_models.json"
-    status, log = run_cli(capsys, *compare_argv(tiny_base, [bad, good, refused], eval_text, out))
-    assert status == 2
-    line = one_error_line(log)
-    assert f"error: {bad}: llama.cpp crashed (SIGABRT)" in line and "GGML_ASSERT" in line, line
-    assert f"1 more file(s) not scored: {refused}" in line and str(out) in line, line
+    argv = compare_argv(tiny_base, [bad, good, declined], eval_text, out)
+    line = refused(capsys, [tiny_base, good, bad, declined, eval_text], *argv)  # inputs unchanged
+    assert line.startswith(f"{bad}: llama.cpp crashed (SIGABRT)") and "GGML_ASSERT" in line, line
+    assert f"1 more file(s) not scored: {declined}" in line and str(out) in line, line
     # The report keeps the good file's scores and says which files failed and why.
     report = json.loads(out.read_text(encoding="utf-8"))
     assert [m["file"] for m in report["models"]] == [str(good)]
     assert report["models"][0]["kl_divergence"]["mean"] < 1e-3
     failed = {f["file"]: f for f in report["failed"]}
-    assert list(failed) == [str(bad), str(refused)]
+    assert list(failed) == [str(bad), str(declined)]
     assert failed[str(bad)]["llama_cpp_crashed"] and "SIGABRT" in failed[str(bad)]["error"]
     assert failed[str(bad)]["sha256"] == sha256_file(bad)
-    assert not failed[str(refused)]["llama_cpp_crashed"]
-    assert "cannot load this file" in failed[str(refused)]["error"] and "wrong shape" in failed[str(refused)]["error"]
-    assert digests(*inputs) == before
+    assert not failed[str(declined)]["llama_cpp_crashed"]
+    assert "cannot load this file" in failed[str(declined)]["error"] and "wrong shape" in failed[str(declined)]["error"]
     assert sorted(p.name for p in out.parent.iterdir()) == [out.name]  # no temporary sibling
     assert not psutil.Process().children(recursive=True), "a llama.cpp child process was left running"
 
@@ -167,16 +134,12 @@ def test_compare_refuses_huge_counts_in_a_gguf(
     tmp_path: Path, tiny_base: Path, f16_gguf: Path, eval_text: Path, capsys: pytest.CaptureFixture[str], which: str
 ) -> None:
     bad = patch_gguf(f16_gguf, tmp_path / "inputs" / "huge.gguf", huge_count(which))
-    before = digests(tiny_base, bad, eval_text)
     out = tmp_path / "results" / "compare_models.json"
-    status, log = run_cli(capsys, *compare_argv(tiny_base, [bad], eval_text, out))
-    assert status == 2
-    line = one_error_line(log)
-    assert f"error: {bad}: " in line, line
+    line = refused(capsys, [tiny_base, bad, eval_text], *compare_argv(tiny_base, [bad], eval_text, out))
+    assert line.startswith(f"{bad}: "), line
     expected = {"tensors": "declares 1152921504606846976 tensors", "keys": "1152921504606846976 metadata keys",
                 "array": "tokenizer.ggml.token_type"}[which]  # fmt: skip
     assert expected in line, line
-    assert digests(tiny_base, bad, eval_text) == before
     assert_nothing_at(out)
     assert not out.parent.exists()
 
@@ -202,18 +165,14 @@ def test_quantize_refuses_huge_counts_in_a_gguf(
         extra = ["--imatrix", str(bad)]
     else:
         bad = src = patch_gguf(f16_gguf, tmp_path / "inputs" / "huge.gguf", huge_count(which))
-    before = digests(src, bad)
     out = tmp_path / "out" / "model-q8_0.gguf"
-    status, log = run_cli(capsys, "quantize", str(src), str(out), "Q8_0", "--threads", "1", *extra)
-    assert status == 2
-    line = one_error_line(log)
+    line = refused(capsys, [src, bad], "quantize", src, out, "Q8_0", "--threads", "1", *extra)
     expected = {"tensors": "declares 1152921504606846976 tensors", "keys": "1152921504606846976 metadata keys",
                 "array": "metadata key tokenizer.ggml.token_type declares 1152921504606846976 array elements",
                 "strings": "metadata key tokenizer.ggml.tokens declares 1152921504606846976 array elements",
                 "imatrix": "declares 1152921504606846976 tensors"}[which]  # fmt: skip
-    assert f"error: {bad}: corrupt GGUF header: " in line and expected in line, line
+    assert line.startswith(f"{bad}: corrupt GGUF header: ") and expected in line, line
     assert "truncated" not in line, line
-    assert digests(src, bad) == before
     assert_nothing_at(out, out.with_suffix(".json"))
     assert not out.parent.exists()
 
@@ -254,13 +213,9 @@ def test_corrupt_safetensors_is_named(
 ) -> None:
     model = damage_weights(tiny_base, tmp_path / "inputs" / "model", damage)
     argv, extra, outputs = step_argv(command, model, tmp_path)
-    before = digests(model, *extra)
-    status, log = run_cli(capsys, *argv)
-    assert status == 2
-    line = one_error_line(log)
+    line = refused(capsys, [model, *extra], *argv)
     expected = "truncated" if damage == "truncated" else "corrupt safetensors header"
-    assert f"error: {model / 'model.safetensors'}: " in line and expected in line, line
-    assert digests(model, *extra) == before
+    assert line.startswith(f"{model / 'model.safetensors'}: ") and expected in line, line
     assert_nothing_at(*outputs)
     assert not outputs[0].parent.exists()
 
@@ -284,12 +239,8 @@ def test_chat_template_that_fails_is_named(
     config["chat_template"] = template
     config_path.write_text(json.dumps(config), encoding="utf-8")
     argv, _, outputs = step_argv("test", model, tmp_path)
-    before = digests(model)
-    status, log = run_cli(capsys, *argv)
-    assert status == 2
-    line = one_error_line(log)
-    assert f"error: {config_path}: " in line and expected in line, line
-    assert digests(model) == before
+    line = refused(capsys, [model], *argv)
+    assert line.startswith(f"{config_path}: ") and expected in line, line
     assert_nothing_at(*outputs)
     assert not outputs[0].parent.exists()
 
@@ -307,13 +258,9 @@ def test_verify_refuses_a_manifest_without_a_usable_checksum(
     data = json.loads(manifest.read_text(encoding="utf-8"))
     data["outputs"][0]["sha256"] = value
     manifest.write_text(json.dumps(data), encoding="utf-8")
-    before = digests(manifest, artifact)
     verdict = tmp_path / "verdict" / "verify.json"
-    status, log = run_cli(capsys, "verify", str(manifest), "--json", str(verdict))
-    assert status == 2
-    line = one_error_line(log)
-    assert f"error: {manifest}: outputs[0].sha256 ({artifact.as_posix()})" in line and repr(value) in line, line
-    assert digests(manifest, artifact) == before
+    line = refused(capsys, [manifest, artifact], "verify", manifest, "--json", verdict)
+    assert line.startswith(f"{manifest}: outputs[0].sha256 ({artifact.as_posix()})") and repr(value) in line, line
     assert_nothing_at(verdict)
     assert not verdict.parent.exists()
 
@@ -358,16 +305,13 @@ def test_plot_refuses_a_malformed_report(
     report = tmp_path / "inputs" / "report.json"
     report.parent.mkdir()
     report.write_text(text, encoding="utf-8")
-    before = digests(report)
     plots = tmp_path / "plots"
     if plot == "comparison":
-        status, log = run_cli(capsys, "plot", "comparison", "--compare", str(report), "--model", "m", "--out-dir", str(plots))
+        argv = ["plot", "comparison", "--compare", report, "--model", "m", "--out-dir", plots]
     else:
-        status, log = run_cli(capsys, "plot", "candidates", "--analysis", str(report), "--out", str(plots / "c.png"))
-    assert status == 2
-    line = one_error_line(log)
-    assert f"error: {report}: {problem}" in line, line
-    assert digests(report) == before
+        argv = ["plot", "candidates", "--analysis", report, "--out", plots / "c.png"]
+    line = refused(capsys, [report], *argv)
+    assert line.startswith(f"{report}: {problem}"), line
     assert not plots.exists()
 
 
@@ -383,7 +327,6 @@ def test_plot_comparison_write_failure_leaves_no_plot(
     report = tmp_path / "inputs" / "compare_models.json"
     report.parent.mkdir()
     report.write_text(_comparison(), encoding="utf-8")
-    before = digests(report)
     savefig, calls = Figure.savefig, []
 
     def full_on_the_third(fig: Any, path: Any, **kwargs: Any) -> None:
@@ -396,10 +339,9 @@ def test_plot_comparison_write_failure_leaves_no_plot(
     monkeypatch.setattr(Figure, "savefig", full_on_the_third)
     plots = tmp_path / "plots"
     argv = ["plot", "comparison", "--compare", str(report), "--model", "m", "--out-dir", str(plots)]
-    status, log = run_cli(capsys, *argv)
-    assert status == 2 and len(calls) == 3
-    assert "no space left on device" in one_error_line(log)
-    assert digests(report) == before
+    line = refused(capsys, [report], *argv)
+    assert len(calls) == 3
+    assert "no space left on device" in line, line
     assert not plots.exists()
 
 # -- the command line's own net -------------------------------------------------------------------------
@@ -438,11 +380,11 @@ def _foreign_errors() -> list[tuple[BaseException, str]]:
     from safetensors import SafetensorError
 
     return [
-        (PermissionError(13, "Permission denied", "/data/model.gguf"), "error: /data/model.gguf: Permission denied"),
-        (FileNotFoundError(2, "No such file or directory", "/data/a", None, "/data/b"), "error: /data/a -> /data/b: No such"),
-        (SafetensorError("header too small"), "error: a safetensors file cannot be read: SafetensorError: header too small"),
-        (jinja2.exceptions.SecurityError("unsafe"), "error: a chat template cannot be rendered: SecurityError: unsafe"),
-        (json.JSONDecodeError("Expecting value", "{", 1), "error: not valid JSON (line 1, column 2: Expecting value)"),
+        (PermissionError(13, "Permission denied", "/data/model.gguf"), "/data/model.gguf: Permission denied"),
+        (FileNotFoundError(2, "No such file or directory", "/data/a", None, "/data/b"), "/data/a -> /data/b: No such"),
+        (SafetensorError("header too small"), "a safetensors file cannot be read: SafetensorError: header too small"),
+        (jinja2.exceptions.SecurityError("unsafe"), "a chat template cannot be rendered: SecurityError: unsafe"),
+        (json.JSONDecodeError("Expecting value", "{", 1), "not valid JSON (line 1, column 2: Expecting value)"),
     ]
 
 
@@ -454,7 +396,7 @@ def test_expected_errors_that_slip_through_still_get_one_line(
     exc, expected = _foreign_errors()[case]
     status, log = _verify_with_step_raising(tmp_path, monkeypatch, capsys, exc)
     assert status == 2
-    assert expected in one_error_line(log), log
+    assert one_error_message(log).startswith(expected), log
 
 
 def test_interrupt_exits_130(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:

@@ -24,48 +24,14 @@ from typing import Any
 
 import pytest
 
-from test_bad_inputs import copy_with_bad_value, run_cli
+from conftest import copy_with_bad_value, refused, tree_state
 
-from lora2gguf.artifacts import atomic_dir, atomic_file, sha256_file
+from lora2gguf.artifacts import atomic_dir, atomic_file
 from lora2gguf.cli import main
 from lora2gguf.demo.dataset import render_text
 from lora2gguf.errors import Lora2ggufError
 from lora2gguf.imatrix import compute as imatrix_step
 from lora2gguf.merge import merge as merge_step
-
-
-def tree_state(root: Path) -> dict[str, str]:
-    """Every entry below ``root``: files by sha256, folders and links by kind (a new empty folder or
-    a hidden temporary sibling shows up as a difference)."""
-    state = {}
-    for path in sorted(root.rglob("*")):
-        rel = path.relative_to(root).as_posix()
-        if path.is_symlink():
-            state[rel] = f"link -> {os.readlink(path)}"
-        elif path.is_dir():
-            state[rel] = "folder"
-        else:
-            state[rel] = sha256_file(path)
-    return state
-
-
-def refused(capsys: pytest.CaptureFixture[str], root: Path, *argv: str | Path) -> str:
-    """Run the command and check the refusal: status 2, one error line, ``root`` untouched; returns the line."""
-    before = tree_state(root)
-    status, log = run_cli(capsys, *map(str, argv))
-    assert status == 2, log[-3000:]
-    lines = [line for line in log.splitlines() if "error: " in line]
-    assert len(lines) == 1, log[-3000:]
-    assert "Traceback" not in log, log[-3000:]
-    assert tree_state(root) == before, "the command changed, added or left files"
-    return lines[0].split("error: ", 1)[1]
-
-
-@pytest.fixture(scope="module")
-def f16_gguf(tmp_path_factory: pytest.TempPathFactory, tiny_base: Path) -> Path:
-    out = tmp_path_factory.mktemp("f16") / "model.gguf"
-    assert main(["convert", str(tiny_base), str(out), "--no-progress"]) == 0
-    return out
 
 
 @pytest.fixture
