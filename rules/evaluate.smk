@@ -24,10 +24,11 @@ rule test_merged_model:
         prompts=json.dumps(config["test_prompts"], ensure_ascii=False),
         generation=json.dumps(config["generation"]),
         device=config["evaluation"]["device"],
+        decode=config["evaluation"].get("decode", "auto"),
     shell:
         "lora2gguf test --model {input.model} --prompts {params.prompts:q}"
         " --generation {params.generation:q} --device {params.device}"
-        " --threads {threads} --out {output.report} > {log} 2>&1"
+        " --decode {params.decode} --threads {threads} --out {output.report} > {log} 2>&1"
 
 
 rule compare_models:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from lora2gguf.evaluate.settings import DECODE_CHOICES
 from lora2gguf.evaluate.test import TestOptions, run_test
 
 HELP = "inference test of a merged Hugging Face model on the test prompts (merged_model_test.json)"
@@ -27,7 +28,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--batch",
         default="auto",
         choices=("auto", "on", "off"),
-        help="answer all prompts in one padded batch; auto: batch on CUDA, one by one on CPU",
+        help="answer all prompts in one batch (eager: left-padded; cuda-graph: one static cache, each row at its "
+        "own length); auto: batch on CUDA, one by one on CPU",
+    )
+    parser.add_argument(
+        "--decode",
+        choices=DECODE_CHOICES,
+        help="auto (default; the config's evaluation.decode if --config gives one): cuda-graph on CUDA for greedy "
+        "decoding, eager elsewhere; eager: transformers' generate(); cuda-graph: static KV cache, decode steps "
+        "captured once as CUDA graphs and replayed",
     )
     parser.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's own choice)")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow model code from the folder")
@@ -44,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         dtype=args.dtype,
         batch=args.batch,
+        decode=args.decode,
         threads=args.threads,
         trust_remote_code=args.trust_remote_code,
         allow_pickle=args.allow_pickle,

@@ -20,6 +20,10 @@ from lora2gguf.errors import Lora2ggufError
 
 logger = logging.getLogger(__name__)
 
+# How `lora2gguf test` decodes: auto (the fast CUDA-graph path on CUDA, eager elsewhere), eager
+# (transformers' generate()), cuda-graph (static KV cache, decode steps replayed as CUDA graphs).
+DECODE_CHOICES = ("auto", "eager", "cuda-graph")
+
 
 @dataclass(frozen=True)
 class Prompt:
@@ -173,6 +177,24 @@ def resolve_generation(config: str | None, generation: str | None) -> Generation
         return parse_generation(data.get("generation"), f"{config}: generation")
     logger.info("no generation settings given; using defaults %s", Generation().as_dict())
     return Generation()
+
+
+def parse_decode(value: Any, where: str) -> str:
+    if value not in DECODE_CHOICES:
+        raise Lora2ggufError(f"{where}: expected one of {', '.join(DECODE_CHOICES)}, got {value!r}")
+    return str(value)
+
+
+def resolve_decode(config: str | None, decode: str | None) -> str:
+    """The inference test's decoding path: ``--decode`` if given, else the config's
+    ``evaluation.decode``, else auto."""
+    if decode is not None:
+        return parse_decode(decode, "--decode")
+    if config:
+        evaluation = read_config(config).get("evaluation")
+        if isinstance(evaluation, dict) and "decode" in evaluation:
+            return parse_decode(evaluation["decode"], f"{config}: evaluation.decode")
+    return "auto"
 
 
 def resolve_evaluation(
