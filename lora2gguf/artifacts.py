@@ -10,7 +10,7 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -384,6 +384,31 @@ def write_json(path: str | os.PathLike[str], obj: Any) -> None:
     text = json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
     with atomic_file(path) as temp:
         temp.write_text(text, encoding="utf-8")
+
+
+@contextlib.contextmanager
+def paired_report(path: str | os.PathLike[str] | None) -> Iterator[Callable[[Any], None]]:
+    """Keep an artifact and its JSON report all or nothing.
+
+    Open it outside the artifact's ``atomic_file``/``atomic_dir`` block and call the yielded
+    ``write(report)`` inside it: the report is written before the artifact is renamed into place, so a
+    failed report write leaves neither, and a failure after it (the artifact's flush or rename) removes
+    the report again. With ``path`` None, ``write`` does nothing.
+    """
+    written = False
+
+    def write(report: Any) -> None:
+        nonlocal written
+        if path is not None:
+            write_json(path, report)
+            written = True
+
+    try:
+        yield write
+    except BaseException:
+        if written and path is not None:
+            Path(path).unlink(missing_ok=True)
+        raise
 
 
 def read_json(path: str | os.PathLike[str]) -> Any:

@@ -26,12 +26,11 @@ import pytest
 
 from conftest import copy_with_bad_value, refused, tree_state
 
+from lora2gguf import artifacts
 from lora2gguf.artifacts import atomic_dir, atomic_file
 from lora2gguf.cli import main
 from lora2gguf.demo.dataset import render_text
 from lora2gguf.errors import Lora2ggufError
-from lora2gguf.imatrix import compute as imatrix_step
-from lora2gguf.merge import merge as merge_step
 
 
 @pytest.fixture
@@ -317,7 +316,10 @@ def test_demo_output_folder_that_is_not_a_previous_output(tmp_path: Path, capsys
 
 
 def _report_argv(command: str, work: Path) -> tuple[list[str | Path], Path, Path]:
-    """(argv, artifact, report) of `merge` or `imatrix` on the tiny model, outputs in new folders."""
+    """(argv, artifact, report) of `merge`, `imatrix` or `quantize` on the tiny model, outputs in new folders."""
+    if command == "quantize":
+        out = work / "gguf" / "model-q8_0.gguf"
+        return ["quantize", work / "model.gguf", out, "Q8_0"], out, out.with_suffix(".json")
     if command == "merge":
         out, report = work / "models" / "m-merged", work / "results" / "merge_report.json"
         return merge_argv(work, out, "--report", report), out, report
@@ -326,10 +328,10 @@ def _report_argv(command: str, work: Path) -> tuple[list[str | Path], Path, Path
     return argv, out, out.with_suffix(".json")
 
 
-def _disk_full_writing(report: Path, monkeypatch: pytest.MonkeyPatch, command: str) -> None:
-    """The disk fills up halfway through the report, the last thing the step writes."""
-    module = merge_step if command == "merge" else imatrix_step
-    real = module.write_json
+def _disk_full_writing(report: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The disk fills up halfway through the report, the last thing the step writes (every step writes
+    its report through artifacts.paired_report, which calls artifacts.write_json)."""
+    real = artifacts.write_json
 
     def write_json(path: str | os.PathLike[str], obj: Any) -> None:
         if Path(path) != report:
@@ -339,11 +341,11 @@ def _disk_full_writing(report: Path, monkeypatch: pytest.MonkeyPatch, command: s
             temp.write_text('{"half', encoding="utf-8")
             raise OSError(errno.ENOSPC, "No space left on device", str(temp))
 
-    monkeypatch.setattr(module, "write_json", write_json)
+    monkeypatch.setattr(artifacts, "write_json", write_json)
 
 
 @pytest.mark.parametrize("previous", [False, True], ids=["first-run", "rerun"])
-@pytest.mark.parametrize("command", ["merge", "imatrix"])
+@pytest.mark.parametrize("command", ["merge", "imatrix", "quantize"])
 def test_failed_report_write_leaves_no_artifact(
     work: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, command: str, previous: bool
 ) -> None:
@@ -355,13 +357,13 @@ def test_failed_report_write_leaves_no_artifact(
         # Mark the previous artifact, so that replacing it by identical bytes shows too.
         with open(out / "config.json" if out.is_dir() else out, "ab") as handle:
             handle.write(b"\n")
-    _disk_full_writing(report, monkeypatch, command)
+    _disk_full_writing(report, monkeypatch)
     line = refused(capsys, work, *argv)  # the whole tree, inputs and a previous pair included, unchanged
     assert line.startswith(f"{report}: no space left on device while writing it"), line
     assert previous or not (out.exists() or report.exists() or out.parent.exists() or report.parent.exists())
 
 
-@pytest.mark.parametrize("command", ["merge", "imatrix"])
+@pytest.mark.parametrize("command", ["merge", "imatrix", "quantize"])
 def test_artifact_failing_after_its_report_takes_the_report_along(
     work: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, command: str
 ) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from lora2gguf import hf
-from lora2gguf.artifacts import Output, atomic_file, check_paths, sha256_file, sha256_tree, write_json
+from lora2gguf.artifacts import Output, atomic_file, check_paths, paired_report, sha256_file, sha256_tree
 from lora2gguf.errors import Lora2ggufError
 from lora2gguf.formats.imatrix import Imatrix, write_imatrix
 from lora2gguf.imatrix.collect import CollectStats, collect
@@ -119,22 +119,13 @@ def compute_imatrix(options: ImatrixOptions) -> dict[str, Any]:
     _check_paths(options)
     text = _read_text(options)
     imatrix, stats, mem = _collect(options, text)
-    report_path, report_written = _report_path(options), False
-    try:
-        with atomic_file(options.out) as tmp:
-            write_imatrix(tmp, imatrix)
-            logger.info(
-                "%s: %d matrices from %d tokens in %d chunks of %d (%.1f s on %s)",
-                options.out, len(imatrix.entries), stats.tokens_used, stats.chunks, options.chunk_size,
-                stats.seconds, stats.device,
-            )  # fmt: skip
-            report = _report(options, imatrix, stats, mem, written=tmp)
-            # Written before the imatrix is renamed into place: a failure here leaves neither.
-            write_json(report_path, report)
-            report_written = True
-    except BaseException:
-        if report_written:
-            # The imatrix failed after its report was written (a flush or the rename): no report of nothing.
-            report_path.unlink(missing_ok=True)
-        raise
+    with paired_report(_report_path(options)) as write_report, atomic_file(options.out) as tmp:
+        write_imatrix(tmp, imatrix)
+        logger.info(
+            "%s: %d matrices from %d tokens in %d chunks of %d (%.1f s on %s)",
+            options.out, len(imatrix.entries), stats.tokens_used, stats.chunks, options.chunk_size,
+            stats.seconds, stats.device,
+        )  # fmt: skip
+        report = _report(options, imatrix, stats, mem, written=tmp)
+        write_report(report)
     return report

@@ -25,12 +25,12 @@ from lora2gguf.artifacts import (
     FolderShape,
     Output,
     atomic_dir,
+    paired_report,
     check_links_inside,
     check_paths,
     read_json,
     sha256_file,
     sha256_tree,
-    write_json,
 )
 from lora2gguf.errors import Lora2ggufError
 from lora2gguf.formats.safetensors import read_header, read_metadata
@@ -131,25 +131,15 @@ def merge_adapter(options: MergeOptions) -> dict[str, Any]:
     trace = _Trace()
     inputs = _check_inputs(options, trace)
     dev, load_kwargs = _torch_setup(options, inputs)
-    report_written = False
-    try:
-        with atomic_dir(options.out) as tmp:
-            with Timer() as total, PeakMemory(cuda=dev.startswith("cuda")) as mem:
-                ref, tying, written, verified = _merge_into(tmp, options, inputs, dev, load_kwargs, trace)
-            _log_merged(options, inputs, dev, verified, total.seconds)
-            report = _report(
-                options, inputs, dev=dev, ref=ref, tying=tying, written=written, verified=verified, trace=trace,
-                total_s=total.seconds, memory=mem.as_dict(),
-            )  # fmt: skip
-            if options.report is not None:
-                # Written before the folder is renamed into place: a failure here leaves neither.
-                write_json(options.report, report)
-                report_written = True
-    except BaseException:
-        if report_written and options.report is not None:
-            # The folder failed after its report was written (a flush or the rename): no report of nothing.
-            options.report.unlink(missing_ok=True)
-        raise
+    with paired_report(options.report) as write_report, atomic_dir(options.out) as tmp:
+        with Timer() as total, PeakMemory(cuda=dev.startswith("cuda")) as mem:
+            ref, tying, written, verified = _merge_into(tmp, options, inputs, dev, load_kwargs, trace)
+        _log_merged(options, inputs, dev, verified, total.seconds)
+        report = _report(
+            options, inputs, dev=dev, ref=ref, tying=tying, written=written, verified=verified, trace=trace,
+            total_s=total.seconds, memory=mem.as_dict(),
+        )  # fmt: skip
+        write_report(report)
     return report
 
 

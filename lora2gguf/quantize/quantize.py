@@ -29,7 +29,7 @@ import gguf
 import numpy as np
 from tqdm import tqdm
 
-from lora2gguf.artifacts import Output, atomic_file, check_paths, sha256_file, write_json
+from lora2gguf.artifacts import Output, atomic_file, check_paths, paired_report, sha256_file
 from lora2gguf.errors import Lora2ggufError
 from lora2gguf.formats.gguf import GGUFFile, RawKVWriter, TensorEntry, copy_metadata, read_gguf
 from lora2gguf.formats.imatrix import Imatrix, read_imatrix
@@ -360,7 +360,7 @@ def quantize_gguf(
             "%s -> %s: %s, %d tensors, %s, %d threads", src, dst, file_type, len(plan.choices), model.arch, threads
         )
         sizes_out = {c.name: tensor_bytes(c.dst_type, c.shape) for c in plan.choices}
-        with atomic_file(dst) as temp:
+        with paired_report(sidecar_path) as write_sidecar, atomic_file(dst) as temp:
             output_sha256 = _write_file(
                 reader, temp, plan, model, threads, sizes_out, importance, _imatrix_metadata(options, imatrix)
             )
@@ -374,9 +374,7 @@ def quantize_gguf(
             report = build_report("quantize", body, device=None)
             for line in _summary_lines(report):
                 logger.info("%s", line)
-            # The sidecar is written before the GGUF is renamed into place, so a failure here
-            # leaves neither behind.
-            write_json(sidecar_path, report)
+            write_sidecar(report)
     return report
 
 
