@@ -13,9 +13,11 @@ SNAKEMAKE_ARGS ?=
 
 BIN    := $(abspath $(VENV))/bin
 STAMP  := $(VENV)/.installed
-# llama.cpp's own llama-quantize / llama-imatrix (`make llama-tools`); when present, `make test`
-# also checks that they read our imatrix files and agree with our results.
+# llama.cpp's own llama-quantize / llama-imatrix / llama-server (`make llama-tools`); when present,
+# `make test` also checks that they read our imatrix files and agree with our results, and
+# `lora2gguf serve` runs llama-server instead of llama-cpp-python's server.
 LLAMA_TOOLS := $(abspath .cache/llama-tools)
+LLAMA_BIN_ENV = LORA2GGUF_LLAMA_BIN="$$(test -x $(LLAMA_TOOLS)/bin/llama-server && echo $(LLAMA_TOOLS)/bin)"
 
 .PHONY: install demo test lint bench clean llama-tools
 
@@ -32,16 +34,15 @@ $(STAMP): pyproject.toml Makefile
 	touch $@
 
 demo: install
-	PATH="$(BIN):$$PATH" $(BIN)/snakemake --cores $(CORES) $(SNAKEMAKE_ARGS)
+	PATH="$(BIN):$$PATH" $(LLAMA_BIN_ENV) $(BIN)/snakemake --cores $(CORES) $(SNAKEMAKE_ARGS)
 	PATH="$(BIN):$$PATH" $(BIN)/snakemake --cores 1 --report results/report.html
 
 test: install
-	PATH="$(BIN):$$PATH" LORA2GGUF_LLAMA_BIN="$$(test -x $(LLAMA_TOOLS)/bin/llama-quantize && echo $(LLAMA_TOOLS)/bin)" \
-		$(BIN)/pytest $(PYTEST_ARGS)
+	PATH="$(BIN):$$PATH" $(LLAMA_BIN_ENV) $(BIN)/pytest $(PYTEST_ARGS)
 
-llama-tools: $(LLAMA_TOOLS)/bin/llama-quantize
+llama-tools: $(LLAMA_TOOLS)/bin/llama-server
 
-$(LLAMA_TOOLS)/bin/llama-quantize: | $(STAMP)
+$(LLAMA_TOOLS)/bin/llama-server: | $(STAMP)
 	scripts/build_llama_tools.sh $(BIN)/python $(LLAMA_TOOLS)
 
 lint: install

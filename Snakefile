@@ -21,6 +21,7 @@ include: "rules/imatrix.smk"
 include: "rules/quantize.smk"
 include: "rules/evaluate.smk"
 include: "rules/plot.smk"
+include: "rules/deploy.smk"
 include: "rules/manifest.smk"
 
 

@@ -192,7 +192,7 @@ def _decode_variants(model: Any, prompt_ids: list[list[int]], new: int) -> dict[
 
     from lora2gguf.evaluate import decode
     from lora2gguf.evaluate import test as inference
-    from lora2gguf.evaluate.settings import Generation
+    from lora2gguf.settings import Generation
 
     config = inference._generation_config(Generation(max_new_tokens=new), [], 0)
     positions = decode.cache_positions(prompt_ids, new)
@@ -228,7 +228,7 @@ def _identity(args: argparse.Namespace, model_dir: Path, res: dict[str, Any], sa
     import torch
 
     from lora2gguf import hf
-    from lora2gguf.evaluate.settings import resolve_prompts
+    from lora2gguf.settings import resolve_prompts
 
     prompts = resolve_prompts(str(args.config), None)
     res.setdefault("identity", {"max_new_tokens": args.identity_tokens, "reference": "eager one at a time"})

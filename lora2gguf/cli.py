@@ -16,7 +16,7 @@ from lora2gguf.errors import Lora2ggufError
 
 logger = logging.getLogger("lora2gguf")
 
-# One module per subcommand, lora2gguf/commands/<name>.py, each exposing HELP, add_arguments(parser)
+# One module per subcommand, lora2gguf/commands/<name>.py (chat-parity: chat_parity.py), each exposing HELP, add_arguments(parser)
 # and run(args). A command whose optional dependencies are missing is left out of the parser; the
 # steps import torch, transformers and llama_cpp only where they run, so `--help` starts fast.
 COMMANDS: tuple[str, ...] = (
@@ -30,6 +30,9 @@ COMMANDS: tuple[str, ...] = (
     "plot",
     "manifest",
     "verify",
+    "serve",
+    "deploy",
+    "chat-parity",
     "demo",
 )
 
@@ -53,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-file", help="also append the log to this file")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in COMMANDS:
-        module = _load(f"lora2gguf.commands.{name}")
+        module = _load(f"lora2gguf.commands.{name.replace('-', '_')}")
         if module is None:
             continue
         sub = subparsers.add_parser(name, help=module.HELP, description=module.HELP)

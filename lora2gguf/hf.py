@@ -87,6 +87,18 @@ def dtype_kwarg(dtype: Any) -> dict[str, Any]:
     return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
 
 
+def load_tokenizer(model_dir: Path, *, trust_remote_code: bool = False) -> Any:
+    """The tokenizer of a Hugging Face folder, from local files only."""
+    from transformers import AutoTokenizer
+
+    if not (model_dir / "config.json").is_file() and not model_dir.is_dir():
+        raise Lora2ggufError(f"{model_dir}: model folder not found")
+    try:
+        return AutoTokenizer.from_pretrained(model_dir, local_files_only=True, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise Lora2ggufError(f"{model_dir}: cannot load the tokenizer: {exc}") from exc
+
+
 def load(
     model_dir: Path,
     device: str,
@@ -154,25 +166,33 @@ def _template_source(tokenizer: Any) -> str:
     return f"{folder}: chat template"
 
 
-def _render_chat(tokenizer: Any, text: str) -> str:
-    """One user turn through the model's chat template. The template is input like any other file:
-    one that raises (raise_exception, a syntax error, an undefined name, an operation on the wrong
-    type) or that jinja2's sandbox stops is an error naming the file, not a traceback."""
+def render_chat(tokenizer: Any, messages: list[dict[str, str]], chat_template: str | None = None) -> str:
+    """A conversation through the model's chat template (or ``chat_template``), the assistant turn
+    opened. The template is input like any other file: one that raises (raise_exception, a syntax
+    error, an undefined name, an operation on the wrong type) or that jinja2's sandbox stops is an
+    error naming the file, not a traceback."""
     import jinja2
 
+    source = "the given chat template" if chat_template is not None else _template_source(tokenizer)
     try:
         return tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
+            messages, chat_template=chat_template, add_generation_prompt=True, tokenize=False
         )
     except jinja2.exceptions.SecurityError as exc:
-        raise Lora2ggufError(
-            f"{_template_source(tokenizer)}: the chat template was stopped by jinja2's sandbox ({exc})"
-        ) from exc
+        raise Lora2ggufError(f"{source}: the chat template was stopped by jinja2's sandbox ({exc})") from exc
     except (jinja2.TemplateError, ArithmeticError, LookupError, TypeError, ValueError) as exc:
+        first = str(messages[-1].get("content", ""))[:40] if messages else ""
         raise Lora2ggufError(
-            f"{_template_source(tokenizer)}: the chat template fails on the test prompt {text[:40]!r} "
-            f"({type(exc).__name__}: {exc})"
+            f"{source}: the chat template fails on the test prompt {first!r} ({type(exc).__name__}: {exc})"
         ) from exc
+
+
+def chat_ids(tokenizer: Any, messages: list[dict[str, str]], chat_template: str | None = None) -> list[int]:
+    """Token ids of a conversation rendered by the chat template, the assistant turn opened: what
+    training saw for the same turns."""
+    rendered = render_chat(tokenizer, messages, chat_template)
+    # The template already holds any BOS/special tokens: do not add them twice.
+    return [int(i) for i in tokenizer(rendered, add_special_tokens=False)["input_ids"]]
 
 
 def chat_prompt_ids(tokenizer: Any, text: str) -> tuple[list[int], bool]:
@@ -182,10 +202,7 @@ def chat_prompt_ids(tokenizer: Any, text: str) -> tuple[list[int], bool]:
     reports it.
     """
     if getattr(tokenizer, "chat_template", None):
-        rendered = _render_chat(tokenizer, text)
-        # The template already holds any BOS/special tokens: do not add them twice.
-        ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]
-        return [int(i) for i in ids], True
+        return chat_ids(tokenizer, [{"role": "user", "content": text}]), True
     ids = tokenizer(text)["input_ids"]
     return [int(i) for i in ids], False
 

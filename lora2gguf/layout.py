@@ -26,6 +26,13 @@ TEST_REPORT = "results/{model}/merged_model_test.json"
 COMPARE_REPORT = "results/{model}/compare_models.json"
 MANIFEST = "results/{model}/manifest.json"
 
+# Deploying it: the Ollama Modelfile beside the GGUFs it names, the commands for each runtime, the
+# template translation report and the chat parity of every renderer against training.
+MODELFILE = f"{GGUF_DIR}/Modelfile"
+DEPLOY_NOTES = "results/{model}/deploy.md"
+DEPLOY_REPORT = "results/{model}/deploy.json"
+CHAT_PARITY = "results/{model}/chat_parity.json"
+
 # The float-vs-GGUF comparison plots, one file per kind: results/plots/{model}-{kind}.png
 SIZE_VS_KL = "size-vs-kl"
 SIZE_VS_PERPLEXITY = "size-vs-perplexity"
@@ -58,6 +65,8 @@ RULE_OUTPUTS: dict[str, tuple[str, ...]] = {
     "test_merged_model": (TEST_REPORT,),
     "compare_models": (COMPARE_REPORT,),
     "plot_comparison": (COMPARISON_PLOT,),
+    "deploy_model": (MODELFILE, DEPLOY_NOTES, DEPLOY_REPORT),
+    "check_chat_parity": (CHAT_PARITY,),
     "write_manifest": (MANIFEST,),
 }
 # directory() outputs: every file below one belongs to the rule that writes the folder.
@@ -77,6 +86,8 @@ _JOBS = {
     "test_merged_model": "/{model}",
     "compare_models": "/{model}",
     "plot_comparison": "/{model}",
+    "deploy_model": "/{model}",
+    "check_chat_parity": "/{model}",
     "write_manifest": "/{model}",
     "build_demo_data": "",
     "build_demo_tiny_base": "",

@@ -8,6 +8,7 @@ from snakemake.logging import logger
 from lora2gguf.layout import (
     BENCHMARKS,
     CANDIDATES_PLOT,
+    CHAT_PARITY,
     COMPARE_REPORT,
     COMPARISON_PLOT,
     COMPARISON_PLOTS,
@@ -20,6 +21,8 @@ from lora2gguf.layout import (
     DEMO_TINY_BASE,
     DEMO_TRAIN_JSONL,
     DEMO_TRAIN_TEXT,
+    DEPLOY_NOTES,
+    DEPLOY_REPORT,
     F16_GGUF,
     IMATRIX_GGUF,
     IMATRIX_REPORT,
@@ -28,6 +31,7 @@ from lora2gguf.layout import (
     MERGE_REPORT,
     MERGED_DIR,
     MODEL_ANALYSIS,
+    MODELFILE,
     QUANT_GGUF,
     QUANT_SIDECAR,
     SIZE_VS_KL,
@@ -41,14 +45,7 @@ from lora2gguf.rank import ADAPTER_CONFIG, METRIC_FILES, STATE_FILE
 
 def quant_tags():
     """File tags of the configured quantizations: Q4_K_M -> q4_km, {type: Q4_K_M, imatrix: true} -> q4_km-imat."""
-    return [
-        (
-            quant_file_tag(t["type"], t["imatrix"])
-            if isinstance(t, dict)
-            else quant_file_tag(t)
-        )
-        for t in config["quantize"]["types"]
-    ]
+    return [quant_tag_of(t) for t in config["quantize"]["types"]]
 
 
 def config_sources():
@@ -198,9 +195,38 @@ def uses_imatrix():
     return any(t.endswith("-imat") for t in quant_tags())
 
 
+def quant_tag_of(spec):
+    """The file tag of a quantize.types entry: Q4_K_M -> q4_km, {type, imatrix: true} -> q4_km-imat."""
+    if isinstance(spec, dict):
+        return quant_file_tag(spec["type"], spec["imatrix"])
+    return quant_file_tag(spec)
+
+
+def check_deploy_file():
+    """deploy.file must name a file the workflow builds."""
+    spec = config["deploy"]["file"]
+    if spec != "convert" and quant_tag_of(spec) not in quant_tags():
+        raise config_error(
+            ("deploy", "file"),
+            f"{spec} is not among quantize.types; name one of them, or convert for model.gguf",
+        )
+
+
+def check_training_templates():
+    for name, cand in config["candidates"].items():
+        path = cand.get("training_template")
+        if path is not None and not Path(path).is_file():
+            raise config_error(
+                ("candidates", name, "training_template"),
+                f"path '{path}' is not a file",
+            )
+
+
 apply_demo_defaults()
 check_required_keys()
 check_config_paths()
+check_deploy_file()
+check_training_templates()
 
 
 wildcard_constraints:
@@ -326,8 +352,39 @@ def model_targets(model):
         TEST_REPORT.format(model=model),
         COMPARE_REPORT.format(model=model),
         *(COMPARISON_PLOT.format(model=model, kind=kind) for kind in COMPARISON_PLOTS),
+        MODELFILE.format(model=model),
+        DEPLOY_NOTES.format(model=model),
+        DEPLOY_REPORT.format(model=model),
+        CHAT_PARITY.format(model=model),
         MANIFEST.format(model=model),
     ]
+
+
+def deploy_gguf(wildcards):
+    """The GGUF that deploy.file names for this model."""
+    spec = config["deploy"]["file"]
+    if spec == "convert":
+        return F16_GGUF.format(model=wildcards.model)
+    return QUANT_GGUF.format(model=wildcards.model, q=quant_tag_of(spec))
+
+
+def training_template(wildcards):
+    """The candidate's training_template as an input list (empty when none is named)."""
+    path = candidate(wildcards).get("training_template")
+    return [path] if path else []
+
+
+def carried_template(wildcards):
+    """The template the GGUF and the Modelfile carry instead of the run's own: the training template
+    when one is named and deploy.template is training."""
+    if config["deploy"]["template"] != "training":
+        return []
+    return training_template(wildcards)
+
+
+def option_for(flag, paths):
+    """``--flag 'path'`` for a one-element input list, nothing for an empty one."""
+    return " ".join(f"{flag} {shlex.quote(str(path))}" for path in paths)
 
 
 def best_model_targets(wildcards):
@@ -363,6 +420,7 @@ def manifest_config(wildcards):
             "evaluation": drop_threads(config["evaluation"]),
             "generation": config["generation"],
             "test_prompts": config["test_prompts"],
+            "deploy": drop_threads(config["deploy"]),
         },
         ensure_ascii=False,
         sort_keys=True,
@@ -380,5 +438,6 @@ def manifest_outputs(wildcards, input):
         input.test,
         input.compare,
         *input.plots,
+        *input.deploy,
     ]
     return " ".join(f"--output {shlex.quote(str(path))}" for path in paths)

@@ -3,6 +3,7 @@
 rule convert_gguf:
     input:
         model=MERGED_DIR,
+        template=carried_template,
     output:
         gguf=F16_GGUF,
     log:
@@ -15,7 +16,8 @@ rule convert_gguf:
         outtype=config["convert"]["outtype"],
         base=lambda wildcards: Path(candidate_base(wildcards)).name,
         adapter=lambda wildcards: wildcards.model,
+        template=lambda wildcards, input: option_for("--chat-template", input.template),
     shell:
         "lora2gguf convert {input.model:q} {output.gguf:q} --outtype {params.outtype}"
         " --base-model {params.base:q} --adapter {params.adapter:q} --name {wildcards.model}"
-        " > {log} 2>&1"
+        " {params.template} > {log} 2>&1"

@@ -18,6 +18,7 @@ rule write_manifest:
         test=TEST_REPORT,
         compare=COMPARE_REPORT,
         plots=[comparison_plot(kind) for kind in COMPARISON_PLOTS],
+        deploy=[MODELFILE, DEPLOY_NOTES, DEPLOY_REPORT, CHAT_PARITY],
     output:
         manifest=MANIFEST,
     log:

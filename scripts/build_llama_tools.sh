@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Build llama.cpp's own llama-quantize and llama-imatrix from the sources inside the
+# Build llama.cpp's own llama-quantize, llama-imatrix and llama-server from the sources inside the
 # llama-cpp-python sdist of the installed version (a PyPI package download, no git clone), so the
-# tests can check that llama.cpp's tools read our imatrix files and agree with our numbers.
+# tests can check that llama.cpp's tools read our imatrix files and agree with our numbers, and
+# `lora2gguf serve` can run llama.cpp's own server (its `--jinja` chat template engine).
 #
 #   scripts/build_llama_tools.sh .venv/bin/python .cache/llama-tools   # -> .cache/llama-tools/bin/
 #
@@ -25,9 +26,9 @@ trap 'rm -rf "$src"' EXIT
 tar -xzf "$sdist" -C "$src"
 cmake -S "$src/llama_cpp_python-$version/vendor/llama.cpp" -B "$out/build" \
     -DCMAKE_BUILD_TYPE=Release -DGGML_NATIVE=OFF -DBUILD_SHARED_LIBS=OFF -DLLAMA_CURL=OFF \
-    -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF > "$out/cmake.log"
-cmake --build "$out/build" --target llama-quantize llama-imatrix -j "$(nproc)" > "$out/build.log"
+    -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON > "$out/cmake.log"
+cmake --build "$out/build" --target llama-quantize llama-imatrix llama-server -j "$(nproc)" > "$out/build.log"
 mkdir -p "$out/bin"
-cp "$out/build/bin/llama-quantize" "$out/build/bin/llama-imatrix" "$out/bin/"
+cp "$out/build/bin/llama-quantize" "$out/build/bin/llama-imatrix" "$out/build/bin/llama-server" "$out/bin/"
 rm -rf "$out/build"
 echo "llama.cpp tools of llama-cpp-python $version in $out/bin"

@@ -122,7 +122,7 @@ def test_a_segfault_in_the_child_is_an_error_naming_the_file() -> None:
     child reads address 0 itself."""
     import ctypes
 
-    from lora2gguf.evaluate.runtime import LlamaCrash, run_isolated
+    from lora2gguf.llamacpp import LlamaCrash, run_isolated
 
     with pytest.raises(LlamaCrash, match=r"^/data/model\.gguf: llama\.cpp crashed \(SIGSEGV\)"):
         run_isolated(Path("/data/model.gguf"), ctypes.string_at, 0)

@@ -20,7 +20,7 @@ from conftest import one_error_message, run_cli
 from lora2gguf.errors import Lora2ggufError
 from lora2gguf.evaluate import decode, settings
 from lora2gguf.evaluate import test as inference
-from lora2gguf.evaluate.settings import Generation
+from lora2gguf.settings import Generation
 
 torch = pytest.importorskip("torch")
 CUDA = torch.cuda.is_available()

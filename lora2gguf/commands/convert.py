@@ -32,6 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--base-model", metavar="NAME", help="base model name, recorded as general.basename and general.base_model.0.name")
     parser.add_argument("--adapter", metavar="NAME", help="LoRA adapter / run name, recorded as general.finetune")
     parser.add_argument("--name", metavar="NAME", help="model name for general.name (default: from the folder)")
+    parser.add_argument("--chat-template", metavar="JINJA", type=Path,
+                        help="carry this chat template (e.g. the one the run was trained with) instead of the folder's")
     parser.add_argument("--no-progress", action="store_true", help="no per-tensor progress bar")
     parser.add_argument(
         "--report",
@@ -51,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
         name=args.name,
         progress=not args.no_progress,
         report=args.report,
+        chat_template=args.chat_template,
     )
     run_convert(options)
     return 0

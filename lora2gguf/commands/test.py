@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lora2gguf.evaluate.settings import DECODE_CHOICES
+from lora2gguf.settings import DECODE_CHOICES
 from lora2gguf.evaluate.test import TestOptions, run_test
 
 HELP = "inference test of a merged Hugging Face model on the test prompts (merged_model_test.json)"

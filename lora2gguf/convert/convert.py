@@ -132,6 +132,7 @@ class ConvertOptions:
     name: str | None = None
     progress: bool = True
     report: Path | None = None  # also write the JSON report here
+    chat_template: Path | None = None  # a Jinja file carried instead of the folder's own template
 
 
 @dataclass
@@ -156,7 +157,7 @@ def _check_inputs(model_dir: Path, outtype: str) -> None:
 def _check_paths(options: ConvertOptions) -> None:
     """The GGUF and the report must not overwrite the input folder, each other, or a folder."""
     check_paths(
-        [("IN_DIR", options.in_dir)],
+        [("IN_DIR", options.in_dir), ("--chat-template", options.chat_template)],
         [Output("OUT.gguf", options.out), Output("--report", options.report)],
     )
 
@@ -256,13 +257,19 @@ def convert(
     adapter: str | None = None,
     name: str | None = None,
     progress: bool = True,
+    chat_template: str | None = None,
 ) -> ConvertSummary:
-    """Convert ``model_dir`` (HF folder with config.json, tokenizer.json, *.safetensors) to ``out_path``."""
+    """Convert ``model_dir`` (HF folder with config.json, tokenizer.json, *.safetensors) to ``out_path``.
+
+    ``chat_template`` replaces the folder's template in tokenizer.chat_template (e.g. the template the
+    run was really trained with, when the run folder saved another)."""
     model_dir = Path(model_dir)
     out_path = Path(out_path)
     _check_inputs(model_dir, outtype)
     with PeakMemory() as memory, Timer() as timer:
         source = _read_source(model_dir, outtype)
+        if chat_template is not None:
+            source.voc.special.chat_template = chat_template
         writer = _header_writer(source, model_dir, outtype, name, base_model, adapter)
         logger.info(
             "converting %s (%s, %d tensors, %d layers) to %s as %s",
@@ -273,6 +280,15 @@ def convert(
     summary = _summary(source, model_dir, out_path, outtype, file_bytes, timer, memory)
     _log_summary(summary)
     return summary
+
+
+def _read_template(path: Path | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise Lora2ggufError(f"{path}: cannot read the chat template: {exc}") from exc
 
 
 def run_convert(options: ConvertOptions) -> ConvertSummary:
@@ -286,6 +302,7 @@ def run_convert(options: ConvertOptions) -> ConvertSummary:
         adapter=options.adapter,
         name=options.name,
         progress=options.progress,
+        chat_template=_read_template(options.chat_template),
     )
     if options.report is not None:
         write_report(options.report, summary)

@@ -28,8 +28,8 @@ from lora2gguf import hf
 from lora2gguf.artifacts import Output, check_paths, sha256_file, sha256_tree, write_json
 from lora2gguf.errors import Lora2ggufError
 from lora2gguf.evaluate import gguf_facts, metrics
-from lora2gguf.evaluate.runtime import LlamaCrash, LlamaRuntime, Perf, run_isolated
-from lora2gguf.evaluate.settings import (
+from lora2gguf.llamacpp import LlamaCrash, LlamaRuntime, Perf, run_isolated
+from lora2gguf.settings import (
     Evaluation,
     Generation,
     Prompt,

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from lora2gguf.errors import Lora2ggufError
-from lora2gguf.evaluate.settings import DECODE_CHOICES, Generation
+from lora2gguf.settings import DECODE_CHOICES, Generation
 
 logger = logging.getLogger(__name__)
 

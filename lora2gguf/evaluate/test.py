@@ -20,7 +20,7 @@ from lora2gguf import hf
 from lora2gguf.artifacts import Output, check_paths, sha256_tree, write_json
 from lora2gguf.errors import Lora2ggufError
 from lora2gguf.evaluate import decode
-from lora2gguf.evaluate.settings import Generation, Prompt, resolve_decode, resolve_generation, resolve_prompts
+from lora2gguf.settings import Generation, Prompt, resolve_decode, resolve_generation, resolve_prompts
 from lora2gguf.provenance import PeakMemory, Timer, build_report, device_info
 
 logger = logging.getLogger(__name__)

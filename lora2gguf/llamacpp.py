@@ -1,4 +1,4 @@
-"""The one wrapper around llama.cpp (through llama-cpp-python) used by the evaluation.
+"""The one wrapper around llama.cpp (through llama-cpp-python), shared by the evaluation and deploy steps.
 
 We feed token ids, never text, so llama.cpp sees exactly what PyTorch saw, and we read raw logits
 and pick tokens ourselves (argmax), bypassing llama-cpp-python's sampler chain so greedy decoding
@@ -74,7 +74,7 @@ class LlamaRuntime:
     logits_all=False.
     """
 
-    def __init__(self, path: Path, *, n_ctx: int, n_threads: int, logits_all: bool) -> None:
+    def __init__(self, path: Path, *, n_ctx: int, n_threads: int, logits_all: bool, flash_attn: bool = False) -> None:
         llama_cpp = _llama_cpp()
         if not Path(path).is_file():
             raise Lora2ggufError(f"{path}: GGUF file not found")
@@ -90,6 +90,9 @@ class LlamaRuntime:
                 n_threads_batch=n_threads,
                 n_gpu_layers=0,
                 logits_all=logits_all,
+                # llama-cpp-python's default (off); llama-server's default on CPU is on, and greedy
+                # answers of a 4-bit model can part where two tokens nearly tie
+                flash_attn=flash_attn,
                 no_perf=False,
                 # In run_isolated's child llama.cpp may talk: its log is what explains a crash.
                 verbose=os.environ.get(_CHILD_ENV) == "1",
@@ -213,7 +216,7 @@ def _signal_name(status: int) -> str:
 def _exchange(request: Any, stderr: Any) -> tuple[bytes, int]:
     """Start the child, stream the pickled request to it, read its reply; (reply, exit status)."""
     env = dict(os.environ, GGML_NO_BACKTRACE="1", **{_CHILD_ENV: "1"})  # GGML_NO_BACKTRACE: no gdb attaching
-    cmd = [sys.executable, "-m", "lora2gguf.evaluate.runtime"]
+    cmd = [sys.executable, "-m", "lora2gguf.llamacpp"]
     proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, env=env)
     try:
         assert proc.stdin is not None and proc.stdout is not None
