@@ -32,6 +32,7 @@ localrules:
     plot_candidates,
     plot_comparison,
     write_manifest,
+    deploy_model,
     build_demo_data,
     build_demo_tiny_base,
 

@@ -411,15 +411,22 @@ def paired_report(path: str | os.PathLike[str] | None) -> Iterator[Callable[[Any
         raise
 
 
+def read_text(path: str | os.PathLike[str], what: str = "") -> str:
+    """A UTF-8 text file; a missing or unreadable one raises an error naming it (and ``what`` it is)."""
+    path = Path(path)
+    label = f" the {what}" if what else ""
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise Lora2ggufError(f"{path}: file not found" + (f" ({what})" if what else "")) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise Lora2ggufError(f"{path}: cannot read{label}: {exc}") from None
+
+
 def read_json(path: str | os.PathLike[str]) -> Any:
     """Read a JSON file; a missing or malformed file raises an error naming it."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise Lora2ggufError(f"{path}: file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise Lora2ggufError(f"{path}: cannot read: {exc}") from None
+    text = read_text(path)
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:

@@ -205,7 +205,7 @@ def quant_tag_of(spec):
 def check_deploy_file():
     """deploy.file must name a file the workflow builds."""
     spec = config["deploy"]["file"]
-    if spec != "convert" and quant_tag_of(spec) not in quant_tags():
+    if spec not in ("auto", "convert") and quant_tag_of(spec) not in quant_tags():
         raise config_error(
             ("deploy", "file"),
             f"{spec} is not among quantize.types; name one of them, or convert for model.gguf",
@@ -360,12 +360,24 @@ def model_targets(model):
     ]
 
 
-def deploy_gguf(wildcards):
-    """The GGUF that deploy.file names for this model."""
+def deploy_tag():
+    """The deployed file's tag: deploy.file, where auto is the export guide's Q4_K_M when it is
+    built, else the first quantize.types entry; None for model.gguf."""
     spec = config["deploy"]["file"]
     if spec == "convert":
+        return None
+    if spec != "auto":
+        return quant_tag_of(spec)
+    tags = quant_tags()
+    return "q4_km" if "q4_km" in tags else (tags[0] if tags else None)
+
+
+def deploy_gguf(wildcards):
+    """The GGUF that deploy.file names for this model."""
+    tag = deploy_tag()
+    if tag is None:
         return F16_GGUF.format(model=wildcards.model)
-    return QUANT_GGUF.format(model=wildcards.model, q=quant_tag_of(spec))
+    return QUANT_GGUF.format(model=wildcards.model, q=tag)
 
 
 def training_template(wildcards):

@@ -32,6 +32,14 @@ def broken(change: str) -> dict:
         }
         config["evaluation"]["text"] = "resources/demo/data/eval.txt"
         config["calibration"]["text"] = "resources/demo/data/train.txt"
+    elif change == "deploy_file_not_built":
+        config["demo"]["enabled"] = True
+        config["deploy"]["file"] = "Q6_K"
+    elif change == "training_template_missing":
+        # paths that exist in the work folder, so that only the template is missing
+        config["candidates"] = {"mine": {"base": ".", "run": ".", "training_template": "nope.jinja"}}
+        config["evaluation"]["text"] = "config.yaml"
+        config["quantize"]["types"] = ["Q4_K_M"]
     return config
 
 
@@ -43,6 +51,8 @@ def broken(change: str) -> dict:
         ("unknown_quant_type", "Q3_XL"),
         ("missing_section", "'selection' is a required property"),
         ("missing_path", "candidates.smollm2-counsel-r8.base: path 'resources/demo/bases/smollm2-135m' does not exist"),
+        ("deploy_file_not_built", "config.yaml: deploy.file: Q6_K is not among quantize.types"),
+        ("training_template_missing", "candidates.mine.training_template: path 'nope.jinja' is not a file"),
     ],
 )
 def test_bad_config_is_refused_naming_the_key(tmp_path: Path, change: str, expected: str) -> None:

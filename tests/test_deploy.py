@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from conftest import assert_nothing_at, run_cli, tree_state
+from lora2gguf.deploy.chat_facts import read_chat_facts
 from lora2gguf.deploy.modelfile import read_modelfile
 
 LLAMA_BIN = os.environ.get("LORA2GGUF_LLAMA_BIN")
@@ -151,3 +152,12 @@ def test_chat_parity_refuses_a_missing_modelfile(deployed: Path, tiny_base: Path
     assert code == 2
     assert f"error: {tmp_path / 'nope' / 'Modelfile'}:" in log
     assert_nothing_at(out)
+
+
+def test_convert_carries_a_training_template(tmp_path: Path, tiny_base: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    template = tmp_path / "training.jinja"
+    template.write_text(TRAINING_TEMPLATE, encoding="utf-8")
+    out = tmp_path / "model.gguf"
+    code, log = run_cli(capsys, "convert", tiny_base, out, "--chat-template", template, "--no-progress")
+    assert code == 0, log
+    assert read_chat_facts(out).template == TRAINING_TEMPLATE

@@ -46,7 +46,7 @@ PROFILES = ["slurm", "tests/slurm/profile"]
 GPU_RULES = {"merge_adapter", "compute_imatrix", "test_merged_model", "compare_models"}
 # Rules the Snakefile declares local (the tiny config has the demo off, so no build_demo_* job runs):
 # they must never become SLURM jobs. Everything else is submitted.
-LOCAL_RULES = {"all", "rank_candidates", "plot_candidates", "plot_comparison", "write_manifest"}
+LOCAL_RULES = {"all", "rank_candidates", "plot_candidates", "plot_comparison", "write_manifest", "deploy_model"}
 HEAVY_RULES = GPU_RULES | {"convert_gguf", "quantize_gguf"}
 # A Snakemake waiting on SLURM ignores SIGTERM: every run is bounded by `timeout -k`.
 RUN_TIMEOUT_S = 1200

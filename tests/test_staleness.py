@@ -96,10 +96,13 @@ def test_complete_run_has_nothing_to_do(workflow: Workflow) -> None:
         # How much text the comparison scores.
         ("evaluation", "max_tokens", 48, {"compare_models", "plot_comparison"}),
         # The F16 file's type: conversion and everything made from it.
-        ("convert", "outtype", "bf16", {"convert_gguf", "quantize_gguf", "compare_models", "plot_comparison"}),
+        ("convert", "outtype", "bf16", {"convert_gguf", "quantize_gguf", "compare_models", "plot_comparison",
+                                        "deploy_model", "check_chat_parity"}),
         # The merge's dtype: the whole chain of that model.
         ("merge", "dtype", "float32", {"merge_adapter", "convert_gguf", "quantize_gguf", "test_merged_model",
-                                       "compare_models", "plot_comparison"}),
+                                       "compare_models", "plot_comparison", "deploy_model", "check_chat_parity"}),
+        # The deployed answers' length: only the served round trip.
+        ("deploy", "max_new_tokens", 5, {"check_chat_parity"}),
         # Worker threads change speed, not results: nothing reruns.
         ("quantize", "threads", 1, set()),
         # An imatrix quantization: the importance matrix, that one file, then what reads every quant file.
@@ -109,7 +112,8 @@ def test_complete_run_has_nothing_to_do(workflow: Workflow) -> None:
         ("calibration", "max_tokens", 128, set()),
     ],
     ids=["add-quant-type", "generation-temperature", "generation-max-new-tokens", "evaluation-max-tokens",
-         "convert-outtype", "merge-dtype", "quantize-threads", "add-imatrix-type", "calibration-unused"],
+         "convert-outtype", "merge-dtype", "deploy-max-new-tokens", "quantize-threads", "add-imatrix-type",
+         "calibration-unused"],
 )  # fmt: skip
 def test_config_change_reruns_only_dependents(
     workflow: Workflow, section: str, key: str, value: Any, expected: set[str]
@@ -156,6 +160,7 @@ def test_new_adapter_weights_rerun_that_model_only(workflow: Workflow, edited_ad
     jobs = workflow.plan()
     assert set(jobs) - FOLLOWERS == {
         "merge_adapter", "convert_gguf", "quantize_gguf", "test_merged_model", "compare_models", "plot_comparison",
+        "deploy_model", "check_chat_parity",
     }, workflow.last_output[-4000:]  # fmt: skip
     assert "rank_candidates" not in jobs  # the ranking reads metrics, not weights
     assert model_of_jobs(workflow.last_output) == {workflow.best}
@@ -190,10 +195,10 @@ def test_manifest_of_the_real_build_verifies(workflow: Workflow) -> None:
     manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
     rules = {entry["rule"] for entry in manifest["outputs"]}
     assert rules == {"merge_adapter", "convert_gguf", "quantize_gguf", "test_merged_model", "compare_models",
-                     "plot_comparison"}  # fmt: skip
+                     "plot_comparison", "deploy_model", "check_chat_parity"}  # fmt: skip
     names = {Path(entry["path"]).name for entry in manifest["outputs"]}
     assert {"model.safetensors", "merge_report.json", "model.gguf", "model-q8_0.gguf", "model-q8_0.json",
-            "merged_model_test.json", "compare_models.json"} <= names  # fmt: skip
+            "merged_model_test.json", "compare_models.json", "Modelfile", "deploy.md", "chat_parity.json"} <= names  # fmt: skip
     roles = {entry["role"] for entry in manifest["inputs"]}
     assert roles == {"base", "run", "eval_text", "ranking"}
     assert manifest["config"]["quantize"]["types"] == ["Q8_0"]

@@ -19,7 +19,9 @@ import gguf
 import numpy as np
 from tqdm import tqdm
 
-from lora2gguf.artifacts import Output, atomic_file, check_links_inside, check_paths, sha256_file, sha256_tree, write_json
+from lora2gguf.artifacts import (
+    Output, atomic_file, check_links_inside, check_paths, read_text, sha256_file, sha256_tree, write_json,
+)
 from lora2gguf import archs
 from lora2gguf.convert import hparams, vocab
 from lora2gguf.convert.tensors import OUTTYPES, TensorPlan, convert_data, plan_tensors
@@ -282,15 +284,6 @@ def convert(
     return summary
 
 
-def _read_template(path: Path | None) -> str | None:
-    if path is None:
-        return None
-    try:
-        return path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise Lora2ggufError(f"{path}: cannot read the chat template: {exc}") from exc
-
-
 def run_convert(options: ConvertOptions) -> ConvertSummary:
     """``lora2gguf convert``: the conversion, then the JSON report when one was asked for."""
     _check_paths(options)
@@ -302,7 +295,7 @@ def run_convert(options: ConvertOptions) -> ConvertSummary:
         adapter=options.adapter,
         name=options.name,
         progress=options.progress,
-        chat_template=_read_template(options.chat_template),
+        chat_template=None if options.chat_template is None else read_text(options.chat_template, "chat template"),
     )
     if options.report is not None:
         write_report(options.report, summary)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lora2gguf.artifacts import Output, atomic_file, check_paths, sha256_file, write_json
+from lora2gguf.artifacts import Output, atomic_file, check_paths, read_text, sha256_file, write_json
 from lora2gguf.deploy.chat_facts import ChatFacts, generation_eos_ids, read_chat_facts
 from lora2gguf.deploy.notes import deploy_notes
 from lora2gguf.deploy.template import Translation, translate
@@ -110,10 +110,7 @@ def _carried_template(options: DeployOptions, facts: ChatFacts) -> tuple[str | N
     """The template the Modelfile carries and where it comes from: --chat-template wins over the GGUF's."""
     if options.chat_template is None:
         return facts.template, f"{facts.path} ({'tokenizer.chat_template'})"
-    try:
-        return options.chat_template.read_text(encoding="utf-8"), str(options.chat_template)
-    except (OSError, UnicodeDecodeError) as exc:
-        raise Lora2ggufError(f"{options.chat_template}: cannot read the chat template: {exc}") from exc
+    return read_text(options.chat_template, "chat template"), str(options.chat_template)
 
 
 def _report(options: DeployOptions, facts: ChatFacts, source: str, translation: Translation,
@@ -173,10 +170,7 @@ class ModelfileContent:
 
 def read_modelfile(path: Path) -> ModelfileContent:
     """TEMPLATE, SYSTEM and the stop strings of a Modelfile as written by modelfile_text."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise Lora2ggufError(f"{path}: cannot read the Modelfile: {exc}") from exc
+    text = read_text(path, "Modelfile")
     blocks = dict(re.findall(r'^(TEMPLATE|SYSTEM) """(.*?)"""$', text, flags=re.MULTILINE | re.DOTALL))
     stops = [json.loads(value) for value in re.findall(r'^PARAMETER stop (".*")$', text, flags=re.MULTILINE)]
     return ModelfileContent(blocks.get("TEMPLATE"), blocks.get("SYSTEM"), stops)

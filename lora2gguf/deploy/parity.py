@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from lora2gguf import hf
-from lora2gguf.artifacts import Output, check_paths, sha256_file, write_json
+from lora2gguf.artifacts import Output, check_paths, read_text, sha256_file, write_json
 from lora2gguf.deploy import renderers
 from lora2gguf.deploy.chat_facts import ChatFacts, generation_eos_ids, read_chat_facts
 from lora2gguf.deploy.modelfile import read_modelfile
@@ -103,10 +103,7 @@ def _reference(options: ParityOptions, tokenizer: Any) -> tuple[list[Renderer], 
         "hf", tokenizer, None, f"transformers apply_chat_template with {options.merged}'s chat template")
     if options.training_template is None:
         return [run_template], []
-    try:
-        text = options.training_template.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise Lora2ggufError(f"{options.training_template}: cannot read the training template: {exc}") from exc
+    text = read_text(options.training_template, "training template")
     training = renderers.hf_renderer(
         "training-template", tokenizer, text, f"transformers apply_chat_template with {options.training_template}")
     return [training, run_template], [f"reference: the training template {options.training_template}"]
