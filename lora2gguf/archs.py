@@ -1,7 +1,7 @@
 """Architecture facts, one table per supported architecture: how an HF config and its tensors map to GGUF.
 
-Base module: read by the converter (convert/) and by the importance-matrix collection (imatrix/), which
-names its entries with the GGUF tensor names.
+Base module: read by the converter (convert/), the LoRA adapter export (adapter/) and the
+importance-matrix collection (imatrix/), which names its entries with the GGUF tensor names.
 
 Only decoder-only transformers whose tensors all map through gguf-py's ``TensorNameMap`` are here:
 ``Qwen2ForCausalLM`` (Qwen1.5, Qwen2, Qwen2.5) -> ``qwen2`` and ``LlamaForCausalLM`` (Llama,
@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import gguf
+import numpy as np
 
 from lora2gguf.errors import Lora2ggufError
 
@@ -163,3 +164,18 @@ def read_hparams(config: dict[str, Any], config_path: Path) -> HParams:
             f"{config_path}: hidden_size ({hp.embedding_length}) is not a multiple of num_attention_heads ({hp.head_count})"
         )
     return hp
+
+
+def permute_qk(weights: np.ndarray, n_head: int) -> np.ndarray:
+    """Reorder q/k rows (or bias entries) of each head from HF's rotate-half to llama.cpp's interleaved layout.
+
+    Per head the rows are [first halves | second halves] of the rotary pairs in HF; llama.cpp wants
+    the two members of each pair adjacent. Splitting each head into (2, half) and swapping those
+    axes does exactly that.
+    """
+    rows = weights.shape[0]
+    if rows % (2 * n_head):
+        raise ValueError(f"{rows} rows cannot be split into {n_head} heads of rotary pairs")
+    return np.ascontiguousarray(
+        weights.reshape(n_head, 2, rows // n_head // 2, *weights.shape[1:]).swapaxes(1, 2).reshape(weights.shape)
+    )

@@ -23,6 +23,7 @@ COMMANDS: tuple[str, ...] = (
     "rank",
     "merge",
     "convert",
+    "adapter",
     "imatrix",
     "quantize",
     "test",

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import gguf
-import numpy as np
 
-from lora2gguf.archs import ArchSpec, HParams
+# permute_qk lives in the base (lora2gguf.archs) since the adapter export needs it too; re-exported here.
+from lora2gguf.archs import ArchSpec, HParams, permute_qk
+
+__all__ = ["permute_qk", "write_arch_extras", "write_hparams"]
 
 
 def write_hparams(writer: gguf.GGUFWriter, spec: ArchSpec, hp: HParams) -> None:
@@ -48,18 +50,3 @@ def write_arch_extras(writer: gguf.GGUFWriter, spec: ArchSpec, hp: HParams) -> N
         writer.add_vocab_size(hp.vocab_size)
     if spec.write_rope_dimension_count:
         writer.add_rope_dimension_count(hp.head_dim if hp.head_dim is not None else hp.embedding_length // hp.head_count)
-
-
-def permute_qk(weights: np.ndarray, n_head: int) -> np.ndarray:
-    """Reorder q/k rows (or bias entries) of each head from HF's rotate-half to llama.cpp's interleaved layout.
-
-    Per head the rows are [first halves | second halves] of the rotary pairs in HF; llama.cpp wants
-    the two members of each pair adjacent. Splitting each head into (2, half) and swapping those
-    axes does exactly that.
-    """
-    rows = weights.shape[0]
-    if rows % (2 * n_head):
-        raise ValueError(f"{rows} rows cannot be split into {n_head} heads of rotary pairs")
-    return np.ascontiguousarray(
-        weights.reshape(n_head, 2, rows // n_head // 2, *weights.shape[1:]).swapaxes(1, 2).reshape(weights.shape)
-    )
