@@ -18,7 +18,8 @@ import yaml
 from conftest import one_error_message, run_cli
 
 from lora2gguf.errors import Lora2ggufError
-from lora2gguf.evaluate import decode, settings
+from lora2gguf import settings
+from lora2gguf.evaluate import decode
 from lora2gguf.evaluate import test as inference
 from lora2gguf.settings import Generation
 
