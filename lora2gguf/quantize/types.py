@@ -34,13 +34,21 @@ _FILE_TYPES: tuple[FileType, ...] = (
     FileType("Q5_K_S", 16, "Q5_K"),
     FileType("Q5_K_M", 17, "Q5_K"),
     FileType("Q6_K", 18, "Q6_K"),
+    FileType("Q2_K", 10, "Q2_K"),
+    FileType("Q3_K_S", 11, "Q3_K"),
+    FileType("Q3_K_M", 12, "Q3_K"),
+    FileType("Q3_K_L", 13, "Q3_K"),
+    FileType("IQ4_NL", 25, "IQ4_NL"),
+    FileType("IQ4_XS", 30, "IQ4_XS"),
 )
 
 FILE_TYPES: dict[str, FileType] = {ft.name: ft for ft in _FILE_TYPES}
 SUPPORTED: tuple[str, ...] = tuple(FILE_TYPES)
 
 # Tensor types a user may force with --output-tensor-type / --token-embedding-type: every type we can write.
-TENSOR_TYPES: tuple[str, ...] = ("F32", "F16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
+TENSOR_TYPES: tuple[str, ...] = (
+    "F32", "F16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS"
+)
 
 
 def canonical_type(name: str) -> str:
@@ -57,11 +65,12 @@ def canonical_type(name: str) -> str:
 
 
 def _tag(known: str) -> str:
-    return known.lower().replace("_k_m", "_km").replace("_k_s", "_ks")
+    return known.lower().replace("_k_m", "_km").replace("_k_s", "_ks").replace("_k_l", "_kl")
 
 
 def file_tag(type_name: str) -> str:
-    """File-name tag of a type, as the export guide names files: Q4_K_M -> q4_km, Q8_0 -> q8_0, Q6_K -> q6_k."""
+    """File-name tag of a type, as the export guide names files: Q4_K_M -> q4_km, Q3_K_L -> q3_kl,
+    Q8_0 -> q8_0, Q6_K -> q6_k, IQ4_XS -> iq4_xs."""
     return _tag(canonical_type(type_name))
 
 
