@@ -22,6 +22,7 @@ include: "rules/quantize.smk"
 include: "rules/evaluate.smk"
 include: "rules/plot.smk"
 include: "rules/deploy.smk"
+include: "rules/adapter.smk"
 include: "rules/manifest.smk"
 
 
@@ -33,6 +34,7 @@ localrules:
     plot_comparison,
     write_manifest,
     deploy_model,
+    export_adapter,
     build_demo_data,
     build_demo_tiny_base,
 
@@ -43,3 +45,4 @@ rule all:
         MODEL_ANALYSIS,
         CANDIDATES_PLOT,
         best_model_targets,
+        adapter_targets(),

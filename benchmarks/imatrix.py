@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from lora2gguf import hf  # noqa: E402  (after the checkout is put on the path)
 from lora2gguf.artifacts import sha256_file  # noqa: E402
-from lora2gguf.evaluate import metrics  # noqa: E402
+from lora2gguf import metrics  # noqa: E402
 from lora2gguf.evaluate.compare import score_gguf  # noqa: E402
 from lora2gguf.formats.imatrix import Imatrix, ImatrixEntry, write_imatrix  # noqa: E402
 from lora2gguf.imatrix.collect import collect  # noqa: E402

@@ -24,6 +24,7 @@ COMMANDS: tuple[str, ...] = (
     "merge",
     "convert",
     "adapter",
+    "adapter-compare",
     "imatrix",
     "quantize",
     "test",

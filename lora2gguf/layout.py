@@ -33,6 +33,17 @@ DEPLOY_NOTES = "results/{model}/deploy.md"
 DEPLOY_REPORT = "results/{model}/deploy.json"
 CHAT_PARITY = "results/{model}/chat_parity.json"
 
+# LoRA adapters shipped beside a base instead of merged: the base as GGUF once per quantization type
+# ({base} is the base folder's name), each candidate's adapter GGUF, and how close each way of
+# shipping comes to the float model.
+BASE_GGUF_DIR = "models/bases/{base}-gguf"
+BASE_F16_GGUF = f"{BASE_GGUF_DIR}/model.gguf"
+BASE_QUANT_GGUF = f"{BASE_GGUF_DIR}/model-{{q}}.gguf"
+BASE_QUANT_SIDECAR = f"{BASE_GGUF_DIR}/model-{{q}}.json"
+ADAPTER_GGUF = "models/{model}-lora/adapter-{atype}.gguf"
+ADAPTER_REPORT = "models/{model}-lora/adapter-{atype}.json"
+ADAPTER_COMPARE = "results/{model}/adapter_compare.json"
+
 # The float-vs-GGUF comparison plots, one file per kind: results/plots/{model}-{kind}.png
 SIZE_VS_KL = "size-vs-kl"
 SIZE_VS_PERPLEXITY = "size-vs-perplexity"
@@ -66,6 +77,10 @@ RULE_OUTPUTS: dict[str, tuple[str, ...]] = {
     "compare_models": (COMPARE_REPORT,),
     "plot_comparison": (COMPARISON_PLOT,),
     "deploy_model": (MODELFILE, DEPLOY_NOTES, DEPLOY_REPORT),
+    "convert_base_gguf": (BASE_F16_GGUF,),
+    "quantize_base_gguf": (BASE_QUANT_GGUF, BASE_QUANT_SIDECAR),
+    "export_adapter": (ADAPTER_GGUF, ADAPTER_REPORT),
+    "compare_adapter": (ADAPTER_COMPARE,),
     "check_chat_parity": (CHAT_PARITY,),
     "write_manifest": (MANIFEST,),
 }
@@ -88,6 +103,10 @@ _JOBS = {
     "plot_comparison": "/{model}",
     "deploy_model": "/{model}",
     "check_chat_parity": "/{model}",
+    "convert_base_gguf": "/{base}",
+    "quantize_base_gguf": "/{base}-{q}",
+    "export_adapter": "/{model}-{atype}",
+    "compare_adapter": "/{model}",
     "write_manifest": "/{model}",
     "build_demo_data": "",
     "build_demo_tiny_base": "",

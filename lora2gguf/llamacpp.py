@@ -74,10 +74,13 @@ class LlamaRuntime:
     logits_all=False.
     """
 
-    def __init__(self, path: Path, *, n_ctx: int, n_threads: int, logits_all: bool, flash_attn: bool = False) -> None:
+    def __init__(self, path: Path, *, n_ctx: int, n_threads: int, logits_all: bool, flash_attn: bool = False,
+                 lora: Path | None = None, lora_scale: float = 1.0) -> None:
         llama_cpp = _llama_cpp()
         if not Path(path).is_file():
             raise Lora2ggufError(f"{path}: GGUF file not found")
+        if lora is not None and not Path(lora).is_file():
+            raise Lora2ggufError(f"{lora}: LoRA adapter GGUF file not found")
         self.path = Path(path)
         self.n_threads = n_threads
         self.logits_all = logits_all
@@ -93,6 +96,9 @@ class LlamaRuntime:
                 # llama-cpp-python's default (off); llama-server's default on CPU is on, and greedy
                 # answers of a 4-bit model can part where two tokens nearly tie
                 flash_attn=flash_attn,
+                # a LoRA adapter GGUF applied on top at lora_scale (llama_set_adapters_lora)
+                lora_path=None if lora is None else str(lora),
+                lora_scale=lora_scale,
                 no_perf=False,
                 # In run_isolated's child llama.cpp may talk: its log is what explains a crash.
                 verbose=os.environ.get(_CHILD_ENV) == "1",

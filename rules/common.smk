@@ -1,4 +1,5 @@
 import json
+import re
 import shlex
 from pathlib import Path
 
@@ -6,6 +7,12 @@ from snakemake.common.configfile import load_configfile
 from snakemake.logging import logger
 
 from lora2gguf.layout import (
+    ADAPTER_COMPARE,
+    ADAPTER_GGUF,
+    ADAPTER_REPORT,
+    BASE_F16_GGUF,
+    BASE_QUANT_GGUF,
+    BASE_QUANT_SIDECAR,
     BENCHMARKS,
     CANDIDATES_PLOT,
     CHAT_PARITY,
@@ -229,8 +236,49 @@ check_deploy_file()
 check_training_templates()
 
 
+def base_name(cand):
+    """A base folder's name: {base} in the base GGUFs' paths."""
+    return Path(cand["base"]).name
+
+
+def adapter_candidates():
+    """Candidates exported as adapters (config adapters.build): auto takes those that share their
+    base with another candidate; true every candidate; false none."""
+    build = config["adapters"]["build"]
+    if build is False:
+        return []
+    names = sorted(config["candidates"])
+    if build is True:
+        return names
+    bases = [base_name(config["candidates"][n]) for n in names]
+    return [n for n, b in zip(names, bases) if bases.count(b) > 1]
+
+
+def check_base_names():
+    """Two different base folders with one name would write one base GGUF."""
+    seen = {}
+    for name in adapter_candidates():
+        cand = config["candidates"][name]
+        folder = Path(cand["base"]).resolve()
+        other = seen.setdefault(base_name(cand), folder)
+        if other != folder:
+            raise config_error(
+                ("candidates", name, "base"),
+                f"another candidate's base has the same folder name '{base_name(cand)}' "
+                f"({other}); the base GGUFs would collide: rename one folder",
+            )
+
+
+check_base_names()
+
+
 wildcard_constraints:
     model="|".join(sorted(config["candidates"])),
+    base="|".join(
+        sorted({re.escape(base_name(c)) for c in config["candidates"].values()})
+    )
+    or "(?!)",
+    atype=re.escape(config["adapters"]["outtype"]),
     q="|".join(quant_tags()),
     run="|".join(sorted(config["demo"].get("runs", {}))) or "(?!)",
 
@@ -356,6 +404,11 @@ def model_targets(model):
         DEPLOY_NOTES.format(model=model),
         DEPLOY_REPORT.format(model=model),
         CHAT_PARITY.format(model=model),
+        *(
+            [ADAPTER_COMPARE.format(model=model)]
+            if model in adapter_candidates()
+            else []
+        ),
         MANIFEST.format(model=model),
     ]
 
@@ -397,6 +450,73 @@ def carried_template(wildcards):
 def option_for(flag, paths):
     """``--flag 'path'`` for a one-element input list, nothing for an empty one."""
     return " ".join(f"{flag} {shlex.quote(str(path))}" for path in paths)
+
+
+def base_folder(wildcards):
+    """The base folder whose name is {base}."""
+    for cand in config["candidates"].values():
+        if base_name(cand) == wildcards.base:
+            return cand["base"]
+    raise ValueError(f"no candidate has a base named {wildcards.base}")
+
+
+def base_folder_inputs(wildcards):
+    return folder_inputs(base_folder(wildcards))
+
+
+def plain_quant_tags():
+    """Quantizations without an importance matrix: the base GGUFs are quantized plainly."""
+    return [t for t in quant_tags() if not split_quant_tag(t)[1]]
+
+
+def compared_quant_tag():
+    """The quantization the adapter comparison scores: Q4_K_M when built, else the first plain one."""
+    tags = plain_quant_tags()
+    return "q4_km" if "q4_km" in tags else (tags[0] if tags else None)
+
+
+def adapter_compare_inputs(wildcards):
+    model = wildcards.model
+    base = base_name(candidate(wildcards))
+    inputs = {
+        "adapter": ADAPTER_GGUF.format(
+            model=model, atype=config["adapters"]["outtype"]
+        ),
+        "merged_f16": F16_GGUF.format(model=model),
+        "base_f16": BASE_F16_GGUF.format(base=base),
+    }
+    tag = compared_quant_tag()
+    if tag is not None:
+        inputs["merged_quant"] = QUANT_GGUF.format(model=model, q=tag)
+        inputs["base_quant"] = BASE_QUANT_GGUF.format(base=base, q=tag)
+    return inputs
+
+
+def adapter_compare_pairs(wildcards, input):
+    pairs = [("merged_f16", "base_f16"), ("merged_quant", "base_quant")]
+    return " ".join(
+        f"--merged-gguf {shlex.quote(input[m])} --base-gguf {shlex.quote(input[b])}"
+        for m, b in pairs
+        if m in input.keys()
+    )
+
+
+def adapter_targets():
+    """Every adapter and its report, and the shared bases' GGUFs (the comparison, which needs the
+    merged files, is made for the best candidate: model_targets)."""
+    names = adapter_candidates()
+    bases = sorted({base_name(config["candidates"][n]) for n in names})
+    atype = config["adapters"]["outtype"]
+    return [
+        *(BASE_F16_GGUF.format(base=b) for b in bases),
+        *(
+            BASE_QUANT_GGUF.format(base=b, q=q)
+            for b in bases
+            for q in plain_quant_tags()
+        ),
+        *(ADAPTER_GGUF.format(model=n, atype=atype) for n in names),
+        *(ADAPTER_REPORT.format(model=n, atype=atype) for n in names),
+    ]
 
 
 def best_model_targets(wildcards):

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from lora2gguf.errors import Lora2ggufError
-from lora2gguf.evaluate import metrics, settings
+from lora2gguf import metrics, settings
 
 ROOT = Path(__file__).resolve().parents[1]
 LORA2GGUF = [sys.executable, "-m", "lora2gguf.cli"]

@@ -43,11 +43,12 @@ CLUSTER_SH = ROOT / "tests/slurm/cluster.sh"
 PROFILES = ["slurm", "tests/slurm/profile"]
 
 # Rules the profile sends to the gpu partition with one GPU; every other submitted rule goes to `cpu`.
-GPU_RULES = {"merge_adapter", "compute_imatrix", "test_merged_model", "compare_models"}
+GPU_RULES = {"merge_adapter", "compute_imatrix", "test_merged_model", "compare_models", "compare_adapter"}
 # Rules the Snakefile declares local (the tiny config has the demo off, so no build_demo_* job runs):
 # they must never become SLURM jobs. Everything else is submitted.
-LOCAL_RULES = {"all", "rank_candidates", "plot_candidates", "plot_comparison", "write_manifest", "deploy_model"}
-HEAVY_RULES = GPU_RULES | {"convert_gguf", "quantize_gguf"}
+LOCAL_RULES = {"all", "rank_candidates", "plot_candidates", "plot_comparison", "write_manifest", "deploy_model",
+               "export_adapter"}
+HEAVY_RULES = GPU_RULES | {"convert_gguf", "quantize_gguf", "check_chat_parity", "convert_base_gguf", "quantize_base_gguf"}
 # A Snakemake waiting on SLURM ignores SIGTERM: every run is bounded by `timeout -k`.
 RUN_TIMEOUT_S = 1200
 

@@ -88,19 +88,22 @@ def test_complete_run_has_nothing_to_do(workflow: Workflow) -> None:
     ("section", "key", "value", "expected"),
     [
         # A new quant type: its quantization, then what reads every quant file.
-        ("quantize", "types", ["Q8_0", "Q4_0"], {"quantize_gguf", "compare_models", "plot_comparison"}),
+        ("quantize", "types", ["Q8_0", "Q4_0"], {"quantize_gguf", "compare_models", "plot_comparison",
+                                                 "quantize_base_gguf"}),
         # Sampling settings are read only by the inference test.
         ("generation", "temperature", 0.5, {"test_merged_model"}),
         # The number of generated tokens is also used by the greedy comparison.
         ("generation", "max_new_tokens", 9, {"test_merged_model", "compare_models", "plot_comparison"}),
         # How much text the comparison scores.
-        ("evaluation", "max_tokens", 48, {"compare_models", "plot_comparison"}),
+        ("evaluation", "max_tokens", 48, {"compare_models", "plot_comparison", "compare_adapter"}),
         # The F16 file's type: conversion and everything made from it.
         ("convert", "outtype", "bf16", {"convert_gguf", "quantize_gguf", "compare_models", "plot_comparison",
-                                        "deploy_model", "check_chat_parity"}),
+                                        "deploy_model", "check_chat_parity", "convert_base_gguf",
+                                        "quantize_base_gguf", "compare_adapter"}),
         # The merge's dtype: the whole chain of that model.
         ("merge", "dtype", "float32", {"merge_adapter", "convert_gguf", "quantize_gguf", "test_merged_model",
-                                       "compare_models", "plot_comparison", "deploy_model", "check_chat_parity"}),
+                                       "compare_models", "plot_comparison", "deploy_model", "check_chat_parity",
+                                       "compare_adapter"}),
         # The deployed answers' length: only the served round trip.
         ("deploy", "max_new_tokens", 5, {"check_chat_parity"}),
         # Worker threads change speed, not results: nothing reruns.
@@ -160,16 +163,19 @@ def test_new_adapter_weights_rerun_that_model_only(workflow: Workflow, edited_ad
     jobs = workflow.plan()
     assert set(jobs) - FOLLOWERS == {
         "merge_adapter", "convert_gguf", "quantize_gguf", "test_merged_model", "compare_models", "plot_comparison",
-        "deploy_model", "check_chat_parity",
+        "deploy_model", "check_chat_parity", "export_adapter", "compare_adapter",
     }, workflow.last_output[-4000:]  # fmt: skip
     assert "rank_candidates" not in jobs  # the ranking reads metrics, not weights
     assert model_of_jobs(workflow.last_output) == {workflow.best}
 
 
-def test_other_candidates_weights_change_nothing(workflow: Workflow, edited_adapter: Any) -> None:
+def test_other_candidates_weights_rerun_only_its_adapter_export(workflow: Workflow, edited_adapter: Any) -> None:
+    """The other candidate is never merged; it shares the base, so its adapter GGUF is all it has."""
     loser = next(name for name in workflow.config["candidates"] if name != workflow.best)
     edited_adapter(loser)
-    assert workflow.plan() == {}, workflow.last_output[-3000:]
+    jobs = workflow.plan()
+    assert set(jobs) - {"all"} == {"export_adapter"} and jobs["export_adapter"] == 1, workflow.last_output[-3000:]
+    assert model_of_jobs(workflow.last_output) == {loser}
 
 
 @pytest.mark.parametrize(

@@ -24,10 +24,10 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from lora2gguf import hf
+from lora2gguf import hf, metrics
 from lora2gguf.artifacts import Output, check_paths, sha256_file, sha256_tree, write_json
 from lora2gguf.errors import Lora2ggufError
-from lora2gguf.evaluate import gguf_facts, metrics
+from lora2gguf.evaluate import gguf_facts
 from lora2gguf.llamacpp import LlamaCrash, LlamaRuntime, Perf, run_isolated
 from lora2gguf.settings import (
     Evaluation,
