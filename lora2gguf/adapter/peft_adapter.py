@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from lora2gguf.artifacts import check_links_inside, read_json
 from lora2gguf.errors import Lora2ggufError
+from lora2gguf.formats.peft import read_lora_config
 from lora2gguf.formats.safetensors import open_tensor, read_header
 
 logger = logging.getLogger(__name__)
@@ -98,16 +98,7 @@ def pattern_value(pattern: dict[str, Any], module: str, default: Any) -> Any:
 def read_config(run: Path) -> dict[str, Any]:
     """adapter_config.json, checked: a LoRA with a positive rank and only features llama.cpp can load."""
     path = run / "adapter_config.json"
-    if not run.is_dir():
-        raise Lora2ggufError(f"{run}: run folder not found")
-    if not path.is_file():
-        raise Lora2ggufError(f"{path}: file not found (not a peft adapter folder?)")
-    check_links_inside(run)
-    cfg = read_json(path)
-    if not isinstance(cfg, dict):
-        raise Lora2ggufError(f"{path}: expected a JSON object")
-    if cfg.get("peft_type") != "LORA":
-        raise Lora2ggufError(f"{path}: key 'peft_type' is {cfg.get('peft_type')!r}; only LoRA adapters can be exported")
+    cfg = read_lora_config(run, folder_kind="run", action="exported")
     r = cfg.get("r")
     if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
         raise Lora2ggufError(f"{path}: key 'r' is {r!r}, expected a positive integer")

@@ -16,6 +16,7 @@ from typing import Any
 
 from lora2gguf.artifacts import HF_TOKENIZER_FILES, check_links_inside, read_json
 from lora2gguf.errors import Lora2ggufError
+from lora2gguf.formats.peft import read_lora_config
 from lora2gguf.formats.safetensors import TensorEntry, read_header
 
 logger = logging.getLogger(__name__)
@@ -114,18 +115,7 @@ def find_adapter_weights(adapter: Path, allow_pickle: bool) -> WeightSource:
 
 def read_adapter_config(adapter: Path) -> dict[str, Any]:
     path = adapter / "adapter_config.json"
-    if not adapter.is_dir():
-        raise Lora2ggufError(f"{adapter}: adapter folder not found")
-    if not path.is_file():
-        raise Lora2ggufError(f"{path}: file not found (not a peft adapter folder?)")
-    # Adapter and tokenizer files are read from here (tokenizer files copied into the output).
-    check_links_inside(adapter)
-    cfg = read_json(path)
-    if not isinstance(cfg, dict):
-        raise Lora2ggufError(f"{path}: expected a JSON object")
-    peft_type = cfg.get("peft_type")
-    if peft_type != "LORA":
-        raise Lora2ggufError(f"{path}: key 'peft_type' is {peft_type!r}; only LoRA adapters can be merged")
+    cfg = read_lora_config(adapter, folder_kind="adapter", action="merged")
     for key in ("r", "target_modules"):
         if key not in cfg:
             raise Lora2ggufError(f"{path}: key '{key}' missing")
