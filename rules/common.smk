@@ -46,7 +46,7 @@ from lora2gguf.layout import (
     SPEED,
     TEST_REPORT,
 )
-from lora2gguf.quantize.types import quant_file_tag, split_quant_tag
+from lora2gguf.quantize.types import NEEDS_IMATRIX, quant_file_tag, split_quant_tag
 from lora2gguf.rank import ADAPTER_CONFIG, METRIC_FILES, STATE_FILE
 
 
@@ -219,6 +219,17 @@ def check_deploy_file():
         )
 
 
+def check_imatrix_only_types():
+    """llama.cpp makes the IQ2 types and IQ3_XXS only with an importance matrix."""
+    for spec in config["quantize"]["types"]:
+        if not isinstance(spec, dict) and spec in NEEDS_IMATRIX:
+            raise config_error(
+                ("quantize", "types"),
+                f"{spec} needs an importance matrix (as in llama-quantize); write it as "
+                f"{{type: {spec}, imatrix: true}}",
+            )
+
+
 def check_training_templates():
     for name, cand in config["candidates"].items():
         path = cand.get("training_template")
@@ -233,6 +244,7 @@ apply_demo_defaults()
 check_required_keys()
 check_config_paths()
 check_deploy_file()
+check_imatrix_only_types()
 check_training_templates()
 
 

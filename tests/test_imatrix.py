@@ -21,7 +21,8 @@ from lora2gguf.errors import Lora2ggufError
 from lora2gguf.formats.imatrix import Imatrix, ImatrixEntry, read_imatrix, write_imatrix
 from lora2gguf.quantize import blocks
 from llama_oracle import ggml_quantize_rows, llama_cpp_available, llama_quantize_file
-from lora2gguf.quantize.types import SUPPORTED, quant_file_tag, split_quant_tag
+from lora2gguf.quantize.iquants import NEED_WEIGHTS
+from lora2gguf.quantize.types import NEEDS_IMATRIX, SUPPORTED, quant_file_tag, split_quant_tag
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _imatrix_scalar_ref import ROW_ENCODERS  # noqa: E402
@@ -71,7 +72,7 @@ def test_weighted_blocks_match_scalar_transcription(qtype: str) -> None:
         assert bytes(ours[r]) == ROW_ENCODERS[qtype](list(x[r]), list(qw)), f"{qtype} row {r}"
 
 
-@pytest.mark.parametrize("qtype", blocks.WEIGHTED_TYPES)
+@pytest.mark.parametrize("qtype", [t for t in blocks.WEIGHTED_TYPES if t not in NEED_WEIGHTS])
 def test_weights_steer_the_error_to_important_columns(qtype: str) -> None:
     """Not a no-op: with the weights, the importance-weighted squared error drops on every row."""
     rng = np.random.default_rng(5)
@@ -231,7 +232,8 @@ def test_imatrix_quantization_byte_identical_to_llama_model_quantize(
     llama_quantize_file(tiny_f16, ref, ftype, threads=2, imatrix=tiny_imatrix)
     assert ours.read_bytes() == ref.read_bytes(), f"{ftype}: differs from llama_model_quantize with the imatrix"
     assert report["imatrix"]["tensors_matched"] > 0 and report["imatrix"]["sha256"]
-    if ftype != "Q8_0":  # Q8_0 has no weighted path: same bytes as without the imatrix
+    # Q8_0 has no weighted path (same bytes as without the imatrix); the IQ2 types and IQ3_XXS have no plain one
+    if ftype != "Q8_0" and ftype not in NEEDS_IMATRIX:
         plain = tmp_path / "plain.gguf"
         _quantize(tiny_f16, plain, ftype)
         assert plain.read_bytes() != ours.read_bytes()

@@ -99,7 +99,7 @@ def _make_qp_quants(n, nmax, x, L, qw, fbuf, ibuf):  # pragma: no cover - compil
     for i in range(n):
         l = min(nmax, _nearest_int(iscale * x[i], fbuf, ibuf))
         L[i] = l & 0xFF
-        fl = np.float32(L[i])
+        fl = np.float32(l)  # the int, not the stored uint8: they differ for x < 0 (IQ2_XXS signs)
         w = qw[i]
         sumlx = sumlx + w * x[i] * fl
         suml2 = suml2 + w * fl * fl

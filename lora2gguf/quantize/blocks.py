@@ -8,7 +8,8 @@ rounding half away from zero like C's ``roundf`` -- and ``tests/test_quant.py`` 
 blocks are byte-identical to llama.cpp's own ``ggml_quantize_chunk`` on random and real data.
 The K-quants (Q4_K, Q5_K, Q6_K), which gguf-py cannot encode, come from
 :mod:`lora2gguf.quantize.kquants`; the low-bit types (Q2_K, Q3_K, IQ4_NL, IQ4_XS) from
-:mod:`lora2gguf.quantize.lowbit`.
+:mod:`lora2gguf.quantize.lowbit`; the lattice types (IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S) from
+:mod:`lora2gguf.quantize.iquants`.
 """
 
 from __future__ import annotations
@@ -18,13 +19,15 @@ from collections.abc import Callable
 import gguf
 import numpy as np
 
-from lora2gguf.quantize import kquants, lowbit
+from lora2gguf.quantize import iquants, kquants, lowbit
 from lora2gguf.quantize.recipe import BLOCK
 
 LEGACY_TYPES = ("Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1")
 K_TYPES = ("Q4_K", "Q5_K", "Q6_K")
 LOWBIT_TYPES = lowbit.TYPES
-ENCODABLE = ("F32", "F16", *LEGACY_TYPES, *K_TYPES, *LOWBIT_TYPES)
+IQ_TYPES = iquants.TYPES
+IQ_NEED_WEIGHTS = iquants.NEED_WEIGHTS
+ENCODABLE = ("F32", "F16", *LEGACY_TYPES, *K_TYPES, *LOWBIT_TYPES, *IQ_TYPES)
 
 
 # Blocks encoded per numpy call: gguf-py's quantize() works in groups of 16 rows, which for
@@ -99,12 +102,14 @@ def encoder(type_name: str) -> Callable[[np.ndarray], np.ndarray]:
         return _k_quant(type_name)
     if type_name in LOWBIT_TYPES:
         return lambda rows: lowbit.quantize(type_name, rows)
+    if type_name in IQ_TYPES:
+        return lambda rows: iquants.quantize(type_name, rows)
     raise ValueError(f"no encoder for ggml type {type_name}; supported: {', '.join(ENCODABLE)}")
 
 
 # llama.cpp's importance-weighted quantizers (quantize_row_*_impl). Q8_0, F16 and F32 have none:
 # ggml's quantize_q8_0 ignores its quant_weights argument, and so do we.
-WEIGHTED_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K", *LOWBIT_TYPES)
+WEIGHTED_TYPES = ("Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K", *LOWBIT_TYPES, *IQ_TYPES)
 
 
 def _encode_weighted(type_name: str, rows: np.ndarray, quant_weights: np.ndarray) -> np.ndarray:
@@ -135,6 +140,8 @@ def encode(type_name: str, rows: np.ndarray, quant_weights: np.ndarray | None = 
         raise ValueError(f"row length {rows.shape[1]} is not a multiple of the {type_name} block size {blk}")
     if quant_weights is not None and type_name in LOWBIT_TYPES:
         return lowbit.quantize(type_name, rows, quant_weights)
+    if type_name in IQ_TYPES:
+        return iquants.quantize(type_name, rows, quant_weights)
     if quant_weights is not None and type_name in WEIGHTED_TYPES:
         return _encode_weighted(type_name, rows, quant_weights)
     out = encoder(type_name)(rows)

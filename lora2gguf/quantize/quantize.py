@@ -43,6 +43,7 @@ from lora2gguf.quantize.recipe import (
     TensorSpec,
     is_quantized,
     plan_types,
+    requires_imatrix,
     tensor_bytes,
 )
 from lora2gguf.quantize.types import canonical_type
@@ -311,10 +312,12 @@ def _checked_plan(
         has_imatrix=imatrix is not None,
     )
     _check_requantize(src, plan, options.allow_requantize)
+    _check_needs_imatrix(plan, imatrix is not None)
     importance: dict[str, np.ndarray] = {}
     unweighted: list[str] = []
     if imatrix is not None:
         importance, unweighted = _match_imatrix(Path(options.imatrix), plan, imatrix)
+    _check_importance_rows(plan, importance)
     for c in plan.choices:
         if c.converts and c.dst_type not in blocks.ENCODABLE:
             raise Lora2ggufError(f"tensor {c.name}: cannot write type {c.dst_type}")
@@ -323,6 +326,34 @@ def _checked_plan(
                 f"{src}: tensor {c.name} of type {c.dst_type} cannot be copied by lora2gguf quantize"
             )
     return plan, importance, unweighted
+
+
+def _check_needs_imatrix(plan: Plan, has_imatrix: bool) -> None:
+    """llama-quantize's refusal, before any work: a tensor of a very low-bit type (tensor_requires_imatrix)
+    and no importance matrix."""
+    if has_imatrix:
+        return
+    for c in plan.choices:
+        if c.converts and requires_imatrix(c.name, c.dst_type):
+            raise Lora2ggufError(
+                f"{plan.file_type}: this quantization requires an importance matrix! (offending tensor: "
+                f"{c.name}, target type: {c.dst_type}); pass --imatrix (make one with lora2gguf imatrix)"
+            )
+
+
+def _check_importance_rows(plan: Plan, importance: dict[str, np.ndarray]) -> None:
+    """With an imatrix, a tensor that needs importance data but has no entry is llama.cpp's "Missing
+    importance matrix for tensor X in a very low-bit quantization" (it bails out mid-file; we before
+    writing). The types ggml cannot quantize without weights at all (IQ2_XXS, IQ2_XS, e.g. forced on
+    token_embd) are refused the same way rather than aborting as ggml does."""
+    for c in plan.choices:
+        if not c.converts or c.name in importance:
+            continue
+        if requires_imatrix(c.name, c.dst_type) or c.dst_type in blocks.IQ_NEED_WEIGHTS:
+            raise Lora2ggufError(
+                f"Missing importance matrix for tensor {c.name} in a very low-bit quantization ({c.dst_type}): "
+                "the imatrix has no usable entry for it"
+            )
 
 
 def _check_paths(src: Path, dst: Path, sidecar: Path, options: QuantizeOptions, *, given: bool) -> None:
@@ -517,6 +548,7 @@ def _encoders(plan: Plan) -> dict[str, Any]:
         "legacy": "gguf-py quantize_blocks (Q4_0, Q4_1, Q5_0, Q5_1); lora2gguf (Q8_0)",
         "kquants_backend": k_backend,
         "lowbit": "numba" if used & set(blocks.LOWBIT_TYPES) else None,
+        "iquants": "numba" if used & set(blocks.IQ_TYPES) else None,
         "numba": numba_version,
     }
 

@@ -47,7 +47,7 @@ BLOCK: dict[str, tuple[int, int]] = {
     name: gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[name]]
     for name in (
         "F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_K",
-        "IQ4_NL", "IQ4_XS",
+        "IQ4_NL", "IQ4_XS", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S",
     )
 }
 FLOAT_TYPES = frozenset({"F32", "F16", "BF16", "F64"})
@@ -55,7 +55,18 @@ FLOAT_TYPES = frozenset({"F32", "F16", "BF16", "F64"})
 INTEGER_TYPES = frozenset({"I8", "I16", "I32", "I64"})
 
 # What a K-quant that does not fit a row length becomes (llama.cpp's tensor_type_fallback).
-_FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0", "Q2_K": "Q4_0", "Q3_K": "Q4_0", "IQ4_XS": "IQ4_NL"}
+_FALLBACK = {
+    "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0", "Q2_K": "Q4_0", "Q3_K": "Q4_0",
+    "IQ4_XS": "IQ4_NL", "IQ2_XXS": "IQ4_NL", "IQ2_XS": "IQ4_NL", "IQ2_S": "IQ4_NL", "IQ3_XXS": "IQ4_NL", "IQ3_S": "IQ4_NL",
+}
+
+# llama.cpp's tensor_requires_imatrix: tensors of these types (other than token_embd / output) need
+# importance data; llama-quantize refuses the file without an imatrix.
+IMATRIX_TENSOR_TYPES = frozenset({"IQ3_XXS", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_M", "IQ1_S"})
+# The file types of the IQ2 / IQ1 family branch of llama_tensor_get_type_impl.
+_IQ2_FAMILY = frozenset({"IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ1_S", "IQ1_M"})
+# File types whose output head is Q5_K instead of Q6_K.
+_Q5_K_HEAD = _IQ2_FAMILY | {"IQ3_XXS"}
 
 # Architectures and layer counts for which llama.cpp's loader reports a 70B model; only that
 # size changes the recipe (attn_v Q4_K -> Q5_K). "llama" needs grouped-query attention too.
@@ -354,17 +365,29 @@ def _mixture_type(
                 "Q8_0",
                 f"{what}: Q8_0 (row length {spec.shape[0]} not a multiple of {block_size(new_type)})",
             )
+        if ftype in _Q5_K_HEAD:
+            return "Q5_K", f"{what}: Q5_K ({ftype})"
         if new_type != "Q8_0":
             return "Q6_K", f"{what}: Q6_K"
         return new_type, f"{what}: Q8_0"
     if cat == "token_embd":
+        if ftype in ("IQ2_XXS", "IQ2_XS", "IQ1_S", "IQ1_M"):
+            return "Q2_K", f"token embedding (untied): Q2_K ({ftype})"
+        if ftype in ("IQ2_S", "IQ2_M", "IQ3_XXS"):
+            return "IQ3_S", f"token embedding (untied): IQ3_S ({ftype})"
         return new_type, "token embedding (untied): default type"
+    if ftype in _IQ2_FAMILY:
+        return _iq2_family_type(cat, new_type, ftype, model, st)
     if cat in _ATTN_V_LIKE:
         return _attn_v_type(cat, new_type, ftype, model, st)
     if cat == "attn_k":
         if model.n_expert == 8:
             return "Q8_0", "8-expert model: attn_k Q8_0"
+        if ftype == "IQ3_XXS":
+            return "IQ2_S", "IQ3_XXS: attn_k IQ2_S"
         return new_type, "default type"
+    if cat == "attn_q" and ftype == "IQ3_XXS":
+        return "IQ2_S", "IQ3_XXS: attn_q IQ2_S"
     if cat == "ffn_down":
         i, n = _layer_info(st.i_ffn_down, st.n_ffn_down, spec.name, model)
         st.i_ffn_down += 1
@@ -381,6 +404,13 @@ def _attn_v_type(cat: str, new_type: str, ftype: str, model: ModelInfo, st: _Cou
     if ftype == "Q2_K":
         new_type = "Q4_K" if gqa >= 4 else "Q3_K"
         rule = f"n_gqa {gqa} {'>=' if gqa >= 4 else '<'} 4: {new_type}"
+    elif ftype == "IQ3_XXS":
+        new_type = "Q4_K" if gqa >= 4 else "IQ3_XXS" if st.has_imatrix else "IQ3_S"
+        rule = f"IQ3_XXS, n_gqa {gqa}, imatrix {st.has_imatrix}: {new_type}"
+    elif ftype == "IQ3_S" and gqa >= 4:
+        new_type, rule = "Q4_K", f"n_gqa {gqa} >= 4: Q4_K"
+    elif ftype == "IQ3_M":
+        new_type, rule = "Q4_K", "IQ3_M: Q4_K"
     elif ftype == "Q3_K_M":
         new_type = "Q5_K" if i < 2 else "Q4_K"
         rule = f"{cat} #{i} {'<' if i < 2 else '>='} 2: {new_type}"
@@ -407,6 +437,8 @@ def _ffn_down_type(
     falcon = model.arch == "falcon"
     if ftype == "Q2_K":
         return "Q3_K", "Q2_K: ffn_down Q3_K"
+    if ftype == "IQ3_XXS" and not has_imatrix:
+        return ("Q4_K", f"no imatrix, layer {i} < {n}/8: Q4_K") if i < n // 8 else ("Q3_K", "IQ3_XXS, no imatrix: Q3_K")
     if ftype == "Q3_K_M":
         if i < n // 16:
             return "Q5_K", f"layer {i} < {n}/16: Q5_K"
@@ -415,6 +447,8 @@ def _ffn_down_type(
         if use_more_bits(i, n):
             return "Q4_K", f"falcon use_more_bits({i}, {n}): Q4_K"
         return "Q3_K", "falcon: default type"
+    if ftype == "IQ3_M" and (i < n // 8 or (model.n_expert == 8 and use_more_bits(i, n))):
+        return "Q4_K", f"IQ3_M, layer {i} of {n}: Q4_K"
     if ftype == "Q3_K_L":
         return ("Q4_K", "falcon: Q4_K") if falcon else ("Q5_K", "Q3_K_L: ffn_down Q5_K")
     if ftype == "Q4_K_M":
@@ -441,8 +475,44 @@ def _ffn_down_type(
 
 
 # File types whose attn_output llama.cpp raises to Q5_K in 8-expert models (not Q3_K_L).
-_ATTN_OUTPUT_8_EXPERT_Q5_K = frozenset({"Q2_K", "Q3_K_S", "Q3_K_M", "IQ4_NL", "Q4_K_S", "Q4_K_M", "IQ4_XS"})
-_ATTN_OUTPUT_TYPE = {"Q2_K": "Q3_K", "Q3_K_M": "Q4_K", "Q3_K_L": "Q5_K"}
+_ATTN_OUTPUT_8_EXPERT_Q5_K = frozenset(
+    {"Q2_K", "Q3_K_S", "Q3_K_M", "IQ4_NL", "Q4_K_S", "Q4_K_M", "IQ4_XS", "IQ3_XXS", "IQ3_S", "IQ3_M"}
+)
+_ATTN_OUTPUT_TYPE = {"Q2_K": "Q3_K", "Q3_K_M": "Q4_K", "Q3_K_L": "Q5_K", "IQ3_XXS": "IQ3_S", "IQ3_M": "Q4_K"}
+
+
+def _iq2_family_type(cat: str, new_type: str, ftype: str, model: ModelInfo, st: _Counters) -> tuple[str, str]:
+    """The IQ2_XXS / IQ2_XS / IQ2_S / IQ2_M / IQ1_S / IQ1_M branch of llama_tensor_get_type_impl (it
+    replaces the per-category rules of the other file types; ffn_down counts tensors, not layers)."""
+    raised = "IQ3_S" if ftype in ("IQ2_S", "IQ2_M") else "Q2_K"
+    if cat in _ATTN_V_LIKE:
+        st.i_attention_wv += 1
+        if model.n_gqa >= 4 or model.n_expert >= 4:
+            return "Q4_K", f"n_gqa {model.n_gqa} / n_expert {model.n_expert}: Q4_K"
+        return raised, f"{ftype}: {cat} {raised}"
+    if model.n_expert == 8 and cat == "attn_k":
+        return "Q4_K", "8-expert model: attn_k Q4_K"
+    if cat == "ffn_down":
+        i, n = st.i_ffn_down, st.n_ffn_down
+        st.i_ffn_down += 1
+        if i < n // 8:
+            return raised, f"ffn_down #{i} < {n}/8: {raised}"
+        return new_type, "default type"
+    if cat == "attn_output":
+        if model.n_expert == 8:
+            return "Q5_K", "8-expert model: attn_output Q5_K"
+        if ftype in ("IQ1_S", "IQ1_M"):
+            return "IQ2_XXS", f"{ftype}: attn_output IQ2_XXS"
+        if ftype in ("IQ2_S", "IQ2_M"):
+            return "IQ3_S", f"{ftype}: attn_output IQ3_S"
+    return new_type, "default type"
+
+
+def requires_imatrix(name: str, dst_type: str) -> bool:
+    """llama.cpp's tensor_requires_imatrix (Q2_K_S, its other case, is not a type we offer)."""
+    if name in ("token_embd.weight", "per_layer_token_embd.weight", "output.weight"):
+        return False
+    return dst_type in IMATRIX_TENSOR_TYPES
 
 
 def _attn_output_type(new_type: str, ftype: str, model: ModelInfo) -> tuple[str, str]:

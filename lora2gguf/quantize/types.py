@@ -40,14 +40,26 @@ _FILE_TYPES: tuple[FileType, ...] = (
     FileType("Q3_K_L", 13, "Q3_K"),
     FileType("IQ4_NL", 25, "IQ4_NL"),
     FileType("IQ4_XS", 30, "IQ4_XS"),
+    # importance-matrix-only families (llama.cpp refuses them without --imatrix)
+    FileType("IQ2_XXS", 19, "IQ2_XXS"),
+    FileType("IQ2_XS", 20, "IQ2_XS"),
+    FileType("IQ2_S", 28, "IQ2_XS"),
+    FileType("IQ2_M", 29, "IQ2_S"),
+    FileType("IQ3_XXS", 23, "IQ3_XXS"),
+    FileType("IQ3_S", 26, "IQ3_S"),
+    FileType("IQ3_M", 27, "IQ3_S"),
 )
 
 FILE_TYPES: dict[str, FileType] = {ft.name: ft for ft in _FILE_TYPES}
 SUPPORTED: tuple[str, ...] = tuple(FILE_TYPES)
+# File types llama-quantize refuses without --imatrix (their recipe puts IQ2_XXS / IQ2_XS / IQ2_S /
+# IQ3_XXS tensors in the layers: llama.cpp's tensor_requires_imatrix). IQ3_S and IQ3_M do not need one.
+NEEDS_IMATRIX: tuple[str, ...] = ("IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS")
 
 # Tensor types a user may force with --output-tensor-type / --token-embedding-type: every type we can write.
 TENSOR_TYPES: tuple[str, ...] = (
-    "F32", "F16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS"
+    "F32", "F16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS",
+    "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S",
 )
 
 

@@ -1,0 +1,94 @@
+"""Lattice ("i-quant") block quantizers, byte-identical to llama.cpp: IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S.
+
+What ``ggml_quantize_chunk`` writes for these types: the C functions of ggml-quants.c
+(``quantize_row_iq2_xxs_impl``, ``quantize_row_iq2_xs_impl``, ``quantize_row_iq2_s_impl``,
+``quantize_row_iq3_xxs_impl``, ``quantize_row_iq3_s_impl``) transcribed into numba kernels (:mod:`lora2gguf.quantize._iq_numba`),
+checked block by block against llama.cpp in ``tests/test_quant_iq.py``.
+
+The grids are format facts, read from gguf-py (``gguf.quants.<TYPE>.grid``, the tables llama.cpp
+dequantizes with); the quantizer's lookup tables (the map from a lattice point to its grid index
+and the neighbour lists of the points off the grid) are generated from them exactly as
+``iq2xs_init_impl`` / ``iq3xs_init_impl`` do, once per process.
+
+IQ2_XXS and IQ2_XS need importance weights (ggml asserts them); IQ2_S, IQ3_XXS and IQ3_S fall
+back to their own weights (sigma2/4 + x^2, x^2) without.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import gguf
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+# type -> (grid points per entry packed with `bits` bits each, neighbour distances kept, kmap size)
+_LATTICE = {
+    "IQ2_XXS": (2, 2, 43692),
+    "IQ2_XS": (2, 2, 43692),
+    "IQ2_S": (2, 1, 43692),
+    "IQ3_XXS": (3, 2, 4096),
+    "IQ3_S": (3, 3, 4096),
+}
+TYPES = tuple(_LATTICE)
+# ggml_quantize_requires_imatrix: ggml aborts when these are quantized without importance weights.
+NEED_WEIGHTS = frozenset({"IQ2_XXS", "IQ2_XS"})
+
+
+def _kernels():  # type: ignore[no-untyped-def]
+    from lora2gguf.quantize import _iq_numba
+
+    return _iq_numba
+
+
+@functools.cache
+def lattice(type_name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(grid in the quantizer's 2*l+1 coordinates as int8, kmap, neighbours) of ``type_name``."""
+    bits, nwant, kmap_size = _LATTICE[type_name]
+    cls = getattr(gguf.quants, type_name)
+    cls.init_grid()
+    values = np.asarray(cls.grid, dtype=np.float32).reshape(cls.grid_shape)
+    levels = np.asarray(cls.grid_map, dtype=np.float32)
+    index = np.searchsorted(levels, values)  # grid_map is ascending: the level number l
+    assert np.array_equal(levels[index], values), type_name
+    grid = (2 * index + 1).astype(np.int8)
+    kmap, neighbours = _kernels().neighbour_tables(grid, bits, nwant, kmap_size)
+    logger.debug("%s: %d grid points, %d neighbour entries", type_name, grid.shape[0], neighbours.size)
+    return grid, kmap, neighbours
+
+
+def quantize(type_name: str, rows: np.ndarray, quant_weights: np.ndarray | None = None) -> np.ndarray:
+    """float32 ``(rows, n_per_row)`` -> uint8 ``(rows, row_bytes)``; the row length must be a
+    multiple of 256. ``quant_weights``: one importance per column (required for IQ2_XXS / IQ2_XS)."""
+    if type_name not in TYPES:
+        raise ValueError(f"no lattice quantizer for {type_name}; supported: {', '.join(TYPES)}")
+    x = np.ascontiguousarray(rows, dtype=np.float32)
+    if x.ndim != 2:
+        raise ValueError(f"{type_name}: expected a 2-D (n_rows, n_cols) array, got shape {x.shape}")
+    blk, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[type_name]]
+    if x.shape[1] % blk:
+        raise ValueError(f"{type_name}: row length {x.shape[1]} is not a multiple of {blk}")
+    if quant_weights is None and type_name in NEED_WEIGHTS:
+        raise ValueError(f"{type_name} needs importance weights (llama.cpp refuses it without an imatrix)")
+    qw = np.zeros(1, np.float32)
+    if quant_weights is not None:
+        qw = np.ascontiguousarray(quant_weights, dtype=np.float32)
+        if qw.shape != (x.shape[1],):
+            raise ValueError(f"importance weights have shape {qw.shape}, expected ({x.shape[1]},)")
+    out = np.zeros((x.shape[0], x.shape[1] // blk * size), dtype=np.uint8)
+    if x.size == 0:
+        return out
+    k = _kernels()
+    grid, kmap, neighbours = lattice(type_name)
+    kernel = getattr(k, type_name.lower())
+    with np.errstate(all="ignore"):  # C semantics on degenerate blocks (inf / nan), as in C
+        if type_name in NEED_WEIGHTS:
+            status = kernel(x, qw, grid, kmap, neighbours, out)
+        else:
+            status = kernel(x, qw, quant_weights is not None, grid, kmap, neighbours, out)
+    if status:
+        # llama.cpp aborts here ("Oops: found point not on grid"); never write something else
+        raise ValueError(f"{type_name}: a block has no grid point (llama.cpp aborts on this input)")
+    return out
