@@ -287,13 +287,15 @@ def test_artifacts_identical_to_local_run(slurm_run: Run, local_run: Run) -> Non
     assert set(on_slurm) == set(local), sorted(set(on_slurm) ^ set(local))
     weights = [n for n in on_slurm if n.endswith((".gguf", ".safetensors"))]
     assert any(n.endswith(".gguf") for n in weights) and any(n.endswith(".safetensors") for n in weights), weights
-    # Model files (weights, tokenizer, configs): byte for byte.
+    # Sidecar reports next to GGUF files: the quantizer's (merged model and base) and the adapter's.
+    sidecars = [n for n in on_slurm if n.endswith(".json") and re.match(r"[^/]+-(gguf|lora)/", n.removeprefix("bases/"))]
+    # Model files (weights, tokenizer, configs, Modelfile): byte for byte.
     for name in on_slurm:
-        if not name.endswith(".json") or not name.startswith(f"{best}-merged-gguf/"):
+        if name not in sidecars:
             assert on_slurm[name] == local[name], name
-    # JSON reports (the quantizer's sidecars, results/<model>/*.json) also record how long a step took and
-    # how much memory it used; everything else in them must match.
-    reports = [f"models/{n}" for n in on_slurm if n.endswith(".json") and n.startswith(f"{best}-merged-gguf/")]
+    # JSON reports (sidecars, results/<model>/*.json) also record how long a step took and how much
+    # memory it used; everything else in them must match.
+    reports = [f"models/{n}" for n in sidecars]
     reports += [f"results/{best}/{n}" for n in ("merge_report.json", "merged_model_test.json", "compare_models.json")]
     for rel in reports:
         a = json.loads((slurm_run.workdir / rel).read_text())
