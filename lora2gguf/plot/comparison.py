@@ -5,7 +5,6 @@ They read only the JSON report (nothing is recomputed). ``apply_style`` holds th
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,8 +32,6 @@ REFERENCE_COLOR = "#444444"
 F16_COLOR = "#d62728"
 QUANT_COLOR = "#1f77b4"
 IMATRIX_COLOR = "#2ca02c"
-# Points whose sizes differ by less than this fraction share a label column (see _label_slots).
-_SAME_SIZE = 0.10
 
 
 def pyplot() -> Any:
@@ -65,47 +62,68 @@ def _style(m: dict[str, Any]) -> tuple[str, str]:
     return QUANT_COLOR, "o"
 
 
-# (horizontal side, vertical offset in points) for the labels of points of nearly equal size,
-# from the highest point down: right above, left, right below, left below.
-_SLOTS = (("right", 6), ("left", 0), ("right", -8), ("left", -8))
+# Where a point's label may go (side, vertical offset in points), tried in this order until one
+# overlaps no earlier label, the legend nor the axes' edge.
+_LABEL_SLOTS = (("right", 6), ("right", -8), ("left", 6), ("left", -8)) + tuple(
+    (side, dy) for step in (18, 30, 42, 54) for dy in (step, -step - 2) for side in ("right", "left")
+)
 
 
-def _label_slots(xs: list[float], ys: list[float]) -> list[tuple[str, int]]:
-    """Where each point's label goes. Points of nearly equal size (Q4_K_M, its imatrix twin and
-    Q5_K_M) are stacked in one column, so their labels are spread by height over both sides; a
-    lone point alternates above / below its neighbours."""
-    slots: list[tuple[str, int]] = [("right", 6)] * len(xs)
-    order = sorted(range(len(xs)), key=lambda i: xs[i])
-    k = 0
-    lone = 0
-    while k < len(order):
-        group = [order[k]]
-        while k + len(group) < len(order) and xs[order[k + len(group)]] <= xs[order[k]] * (1 + _SAME_SIZE):
-            group.append(order[k + len(group)])
-        if len(group) == 1:
-            slots[group[0]] = ("right", 6 if lone % 2 == 0 else -8)
-            lone += 1
-        else:
-            for rank, i in enumerate(sorted(group, key=lambda i: -ys[i])):
-                slots[i] = _SLOTS[rank % len(_SLOTS)]
-        k += len(group)
-    return slots
+def _room_for_left_labels(ax: Any, xs: list[float]) -> None:
+    """Widen the x axis to the left, so that a label written there is not cut off."""
+    span = max(xs) - min(xs) or max(xs)
+    ax.set_xlim(left=min(xs) - 0.4 * span, right=max(xs) + 0.15 * span)
 
 
-def _room_for_left_labels(ax: Any, xs: list[float], slots: list[tuple[str, int]]) -> None:
-    """Widen the x axis to the left when a label is written there, so it is not cut off."""
-    if any(side == "left" for side, _ in slots):
-        span = max(xs) - min(xs) or max(xs)
-        ax.set_xlim(left=min(xs) - 0.4 * span, right=max(xs) + 0.15 * span)
-
-
-def _annotate(ax: Any, x: float, y: float, text: str, slot: tuple[str, int]) -> None:
+def _annotate(ax: Any, x: float, y: float, text: str, slot: tuple[str, int]) -> Any:
     side, dy = slot
-    ax.annotate(
+    return ax.annotate(
         text, (x, y), textcoords="offset points", xytext=(7 if side == "right" else -7, dy),
         ha="left" if side == "right" else "right", va="bottom" if dy > 0 else "top" if dy < 0 else "center",
         fontsize=9,
+        # a thin line from label to point: in a crowded column a label may sit nearer another point
+        arrowprops={"arrowstyle": "-", "color": "grey", "linewidth": 0.6, "shrinkA": 0, "shrinkB": 4},
     )
+
+
+def _marker_box(ax: Any, x: float, y: float, half: float = 6.0) -> Any:
+    """The display-space box a point's marker covers (about 12 pixels across)."""
+    from matplotlib.transforms import Bbox
+
+    px, py = ax.transData.transform((x, y))
+    return Bbox.from_extents(px - half, py - half, px + half, py + half)
+
+
+def _text_extent(note: Any, renderer: Any) -> Any:
+    """The label's own box (an annotation's extent would include its leader line)."""
+    from matplotlib.text import Text
+
+    note.update_positions(renderer)
+    return Text.get_window_extent(note, renderer)
+
+
+def _place_labels(ax: Any, labels: list[tuple[float, float, str]]) -> None:
+    """Annotate every point, each label where it overlaps no label placed before it (top points first);
+    drawn once to measure the real text extents. A label with no free place takes the first slot."""
+    fig = ax.figure
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    legend = ax.get_legend()
+    taken = [legend.get_window_extent(renderer)] if legend is not None else []
+    taken += [_marker_box(ax, x, y) for x, y, _ in labels]  # no label over another point
+    for x, y, text in sorted(labels, key=lambda label: -label[1]):
+        for slot in _LABEL_SLOTS:
+            note = _annotate(ax, x, y, text, slot)
+            box = _text_extent(note, renderer)
+            inside = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
+            if inside and not any(box.overlaps(other) for other in taken):
+                break
+            note.remove()
+        else:
+            note = _annotate(ax, x, y, text, _LABEL_SLOTS[0])
+            box = _text_extent(note, renderer)
+        taken.append(box)
 
 
 def plot_size_vs_kl(report: dict[str, Any], model: str) -> Any:
@@ -117,17 +135,16 @@ def plot_size_vs_kl(report: dict[str, Any], model: str) -> Any:
     # A log axis cannot show an exact zero (identical distributions): draw it at a floor, labelled.
     floor = min(positive) / 10 if positive else 1e-12
     xs = [m["size_bytes"] / 2**20 for m in points]
-    # label slots on the log axis: compare heights as logarithms
-    slots = _label_slots(xs, [math.log10(max(v, floor)) for v in means])
-    for m, mean, x, slot in zip(points, means, xs, slots):
+    labels = []
+    for m, mean, x in zip(points, means, xs):
         color, marker = _style(m)
         p99 = max(m["kl_divergence"]["p99"], floor)
         ax.plot([x, x], [max(mean, floor), p99], color=color, alpha=0.35, linewidth=2)
         ax.scatter([x], [max(mean, floor)], s=70 if marker != "D" else 45, color=color, marker=marker, zorder=3)
         ax.scatter([x], [p99], s=25, facecolors="none", edgecolors=color, zorder=3)
         suffix = " (=0)" if mean <= 0 else ""
-        _annotate(ax, x, max(mean, floor), f"{m['label']}{suffix}, {m['bits_per_weight']:.2f} bpw", slot)
-    _room_for_left_labels(ax, xs, slots)
+        labels.append((x, max(mean, floor), f"{m['label']}{suffix}, {m['bits_per_weight']:.2f} bpw"))
+    _room_for_left_labels(ax, xs)
     ax.set_yscale("log")
     ax.set_xlabel("file size (MiB)")
     ax.set_ylabel("KL divergence from PyTorch float32 (nats per token)")
@@ -138,6 +155,7 @@ def plot_size_vs_kl(report: dict[str, Any], model: str) -> Any:
     ax.scatter([], [], facecolors="none", edgecolors="grey", label="99th percentile")
     ax.legend(loc="upper right")
     ax.set_title(f"{model}: size vs KL divergence ({report['settings']['positions_scored']} positions)")
+    _place_labels(ax, labels)
     return fig
 
 
@@ -148,17 +166,18 @@ def plot_size_vs_perplexity(report: dict[str, Any], model: str) -> Any:
     ax.axhline(ref, color=REFERENCE_COLOR, linestyle="--", linewidth=1, label=f"PyTorch float32: {ref:.3f}")
     points = _points(report)
     xs = [m["size_bytes"] / 2**20 for m in points]
-    slots = _label_slots(xs, [m["perplexity"] for m in points])
-    for m, x, slot in zip(points, xs, slots):
+    labels = []
+    for m, x in zip(points, xs):
         color, marker = _style(m)
         ax.scatter([x], [m["perplexity"]], s=70 if marker != "D" else 45, zorder=3, color=color, marker=marker)
-        _annotate(ax, x, m["perplexity"], f"{m['label']}: {m['perplexity']:.3f} (x{m['perplexity_ratio']:.4f})", slot)
+        labels.append((x, m["perplexity"], f"{m['label']}: {m['perplexity']:.3f} (x{m['perplexity_ratio']:.4f})"))
     ax.set_xlabel("file size (MiB)")
     ax.set_ylabel("perplexity on the held-out text")
     ax.legend(loc="upper right")
     ax.set_title(f"{model}: size vs perplexity (llama.cpp, {report['settings']['tokens_scored']} tokens)")
     ax.margins(x=0.15, y=0.2)
-    _room_for_left_labels(ax, xs, slots)
+    _room_for_left_labels(ax, xs)
+    _place_labels(ax, labels)
     return fig
 
 
