@@ -91,7 +91,7 @@ def load_tokenizer(model_dir: Path, *, trust_remote_code: bool = False) -> Any:
     """The tokenizer of a Hugging Face folder, from local files only."""
     from transformers import AutoTokenizer
 
-    if not (model_dir / "config.json").is_file() and not model_dir.is_dir():
+    if not model_dir.is_dir():
         raise Lora2ggufError(f"{model_dir}: model folder not found")
     try:
         return AutoTokenizer.from_pretrained(model_dir, local_files_only=True, trust_remote_code=trust_remote_code)

@@ -12,6 +12,7 @@ import difflib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -58,6 +59,15 @@ class PositionStats:
             # KL is non-negative; tiny negative values are float64 rounding when both agree exactly.
             self.kl.extend(np.maximum(kl, 0.0).tolist())
             self.top1_same.extend((ref_lp.argmax(axis=-1) == lp.argmax(axis=-1)).tolist())
+
+    def summary(self) -> dict[str, Any]:
+        """Perplexity, KL divergence and top-1 agreement of the candidate over every scored position."""
+        return {
+            "perplexity": perplexity(self.nll),
+            "kl_divergence": kl_summary(self.kl),
+            "top1_agreement": top1_agreement(self.top1_same),
+            "positions": len(self.kl),
+        }
 
 
 def perplexity(nll: Sequence[float]) -> float:

@@ -214,12 +214,7 @@ def _stats(ref: list[np.ndarray], cand: list[np.ndarray], windows: list[list[int
                 f"{where}: {logits.shape[1]} logits per position, the reference has {ref_logits.shape[1]}"
             )
         stats.add_window(ref_logits, logits, window)
-    return {
-        "perplexity": metrics.perplexity(stats.nll),
-        "kl_divergence": metrics.kl_summary(stats.kl),
-        "top1_agreement": metrics.top1_agreement(stats.top1_same),
-        "positions": len(stats.kl),
-    }
+    return stats.summary()
 
 
 def measure_pair(job: _PairJob) -> dict[str, Any]:

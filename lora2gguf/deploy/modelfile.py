@@ -88,14 +88,15 @@ def modelfile_text(gguf_name: str, translation: Translation, stops: list[StopTok
             lines.append(f"SYSTEM {_quoted(system, 'the default system prompt')}")
     else:
         lines.append(f"# no TEMPLATE: {translation.reason}")
-    lines += [f"PARAMETER stop {_go_string(stop.text)}" for stop in stops]
+    lines += [f"PARAMETER stop {_parameter_value(stop.text)}" for stop in stops]
     if num_ctx:
         lines.append(f"PARAMETER num_ctx {num_ctx}")
     return "\n".join(lines) + "\n"
 
 
-def _go_string(text: str) -> str:
-    # JSON string syntax: Ollama's parser reads the same escapes, and read_modelfile reads it back
+def _parameter_value(text: str) -> str:
+    # a quoted Modelfile value in JSON string syntax: Ollama's parser reads the same escapes, and
+    # read_modelfile reads it back
     return json.dumps(text, ensure_ascii=False)
 
 

@@ -180,12 +180,7 @@ def score_gguf(path: Path, ref: dict[str, Any], windows: list[list[int]], contex
             )
         for window, ref_logits in zip(windows, ref["logits"]):
             stats.add_window(ref_logits, rt.logits(window), window)
-    return {
-        "perplexity": metrics.perplexity(stats.nll),
-        "kl_divergence": metrics.kl_summary(stats.kl),
-        "top1_agreement": metrics.top1_agreement(stats.top1_same),
-        "positions": len(stats.kl),
-    }
+    return stats.summary()
 
 
 def _time_prompt(rt: LlamaRuntime, bench_ids: list[int], repeats: int) -> tuple[Perf, list[float], list[float]]:

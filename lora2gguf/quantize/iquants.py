@@ -22,6 +22,8 @@ import logging
 import gguf
 import numpy as np
 
+from lora2gguf.quantize.lowbit import checked_rows
+
 logger = logging.getLogger(__name__)
 
 # type -> (grid points per entry packed with `bits` bits each, neighbour distances kept, kmap size)
@@ -64,20 +66,10 @@ def quantize(type_name: str, rows: np.ndarray, quant_weights: np.ndarray | None 
     multiple of 256. ``quant_weights``: one importance per column (required for IQ2_XXS / IQ2_XS)."""
     if type_name not in TYPES:
         raise ValueError(f"no lattice quantizer for {type_name}; supported: {', '.join(TYPES)}")
-    x = np.ascontiguousarray(rows, dtype=np.float32)
-    if x.ndim != 2:
-        raise ValueError(f"{type_name}: expected a 2-D (n_rows, n_cols) array, got shape {x.shape}")
-    blk, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[type_name]]
-    if x.shape[1] % blk:
-        raise ValueError(f"{type_name}: row length {x.shape[1]} is not a multiple of {blk}")
-    if quant_weights is None and type_name in NEED_WEIGHTS:
+    x, checked, out = checked_rows(type_name, rows, quant_weights)
+    if checked is None and type_name in NEED_WEIGHTS:
         raise ValueError(f"{type_name} needs importance weights (llama.cpp refuses it without an imatrix)")
-    qw = np.zeros(1, np.float32)
-    if quant_weights is not None:
-        qw = np.ascontiguousarray(quant_weights, dtype=np.float32)
-        if qw.shape != (x.shape[1],):
-            raise ValueError(f"importance weights have shape {qw.shape}, expected ({x.shape[1]},)")
-    out = np.zeros((x.shape[0], x.shape[1] // blk * size), dtype=np.uint8)
+    qw = np.zeros(1, np.float32) if checked is None else checked
     if x.size == 0:
         return out
     k = _kernels()

@@ -26,17 +26,11 @@ IQ4_LEVELS = np.asarray(gguf.quants.IQ4_NL.kvalues, dtype=np.float32)
 assert np.all(np.diff(IQ4_LEVELS) > 0), "IQ4_NL levels must be ascending"
 
 
-def _kernels():  # type: ignore[no-untyped-def]
-    from lora2gguf.quantize import _lowbit_numba
-
-    return _lowbit_numba
-
-
-def quantize(type_name: str, rows: np.ndarray, quant_weights: np.ndarray | None = None) -> np.ndarray:
-    """float32 ``(rows, n_per_row)`` -> uint8 ``(rows, row_bytes)`` in ``type_name``; the row length
-    must be a multiple of the block size. ``quant_weights``: one importance per column, or None."""
-    if type_name not in TYPES:
-        raise ValueError(f"no low-bit quantizer for {type_name}; supported: {', '.join(TYPES)}")
+def checked_rows(
+    type_name: str, rows: np.ndarray, quant_weights: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
+    """The rows as contiguous float32 ``(n_rows, n_cols)``, the importance weights checked against
+    them (None stays None), and the zeroed output of ``type_name``'s blocks."""
     x = np.ascontiguousarray(rows, dtype=np.float32)
     if x.ndim != 2:
         raise ValueError(f"{type_name}: expected a 2-D (n_rows, n_cols) array, got shape {x.shape}")
@@ -48,7 +42,22 @@ def quantize(type_name: str, rows: np.ndarray, quant_weights: np.ndarray | None 
         qw = np.ascontiguousarray(quant_weights, dtype=np.float32)
         if qw.shape != (x.shape[1],):
             raise ValueError(f"importance weights have shape {qw.shape}, expected ({x.shape[1]},)")
-    out = np.zeros((x.shape[0], x.shape[1] // blk * size), dtype=np.uint8)
+    return x, qw, np.zeros((x.shape[0], x.shape[1] // blk * size), dtype=np.uint8)
+
+
+def _kernels():  # type: ignore[no-untyped-def]
+    from lora2gguf.quantize import _lowbit_numba
+
+    return _lowbit_numba
+
+
+def quantize(type_name: str, rows: np.ndarray, quant_weights: np.ndarray | None = None) -> np.ndarray:
+    """float32 ``(rows, n_per_row)`` -> uint8 ``(rows, row_bytes)`` in ``type_name``; the row length
+    must be a multiple of the block size. ``quant_weights``: one importance per column, or None."""
+    if type_name not in TYPES:
+        raise ValueError(f"no low-bit quantizer for {type_name}; supported: {', '.join(TYPES)}")
+    x, qw, out = checked_rows(type_name, rows, quant_weights)
+    blk = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[type_name]][0]
     if x.size == 0:
         return out
     k = _kernels()
