@@ -92,7 +92,7 @@ def test_tags_round_trip_and_names() -> None:
         assert type_from_tag(file_tag(t)) == t
     assert canonical_type("q4_k_m") == "Q4_K_M"
     with pytest.raises(Lora2ggufError, match="supported types: Q8_0, Q4_0"):
-        canonical_type("IQ1_S")
+        canonical_type("TQ1_0")
     with pytest.raises(Lora2ggufError, match="q4_km"):
         type_from_tag("q7")
 
@@ -162,8 +162,8 @@ def test_recipe_untied_head_overrides_and_pure() -> None:
     assert got["output.weight"] == "Q8_0" and got["token_embd.weight"] == "F16"
     pure = plan_types(specs, model, "Q4_K_M", pure=True)
     assert {c.name: c.dst_type for c in pure.choices}["output.weight"] == "Q4_K"
-    with pytest.raises(Lora2ggufError, match="--output-tensor-type 'IQ1_S'"):
-        plan_types(specs, model, "Q4_K_M", output_tensor_type="IQ1_S")
+    with pytest.raises(Lora2ggufError, match="--output-tensor-type 'TQ1_0'"):
+        plan_types(specs, model, "Q4_K_M", output_tensor_type="TQ1_0")
     odd = [TensorSpec("blk.0.ffn_down.weight", (100, 64), "F16")]
     (c,) = plan_types(odd, model, "Q4_K_M").choices
     assert c.dst_type == "F16" and "nor of 32" in c.fallback["reason"]
@@ -200,8 +200,10 @@ def _test_rows(n_rows: int, n_cols: int, seed: int = 0) -> np.ndarray:
 
 
 @needs_llama
+@pytest.mark.parametrize("backend", ["numba", "numpy"])
 @pytest.mark.parametrize("qtype", [*blocks.LEGACY_TYPES, *blocks.K_TYPES])
-def test_block_encoders_byte_identical_to_ggml(qtype: str) -> None:
+def test_block_encoders_byte_identical_to_ggml(qtype: str, backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LORA2GGUF_KQUANTS_BACKEND", backend)
     x = _test_rows(64, 512, seed=1)
     ours = blocks.encode(qtype, x)
     ref = ggml_quantize_rows(qtype, x)
@@ -291,7 +293,7 @@ def test_bad_inputs_name_the_file(tmp_path: Path, tiny_f16: Path) -> None:
     with pytest.raises(Lora2ggufError, match="file not found"):
         _quantize(tmp_path / "missing.gguf", out, "Q8_0")
     with pytest.raises(Lora2ggufError, match="not supported; supported types"):
-        _quantize(tiny_f16, out, "IQ1_S")
+        _quantize(tiny_f16, out, "TQ1_0")
     assert not out.exists() and list(tmp_path.glob(".*tmp*")) == []
 
 

@@ -1,11 +1,11 @@
 """Block encoders: float32 rows -> the bytes of one ggml tensor type.
 
-The legacy 32-weight block types (Q4_0, Q4_1, Q5_0, Q5_1) come from gguf-py
-(``gguf.quants.<TYPE>.quantize_blocks``; Q8_0 is our leaner copy of the same arithmetic): its numpy code follows ggml's reference quantizers
-(``quantize_row_q*_ref``) operation for operation in float32 -- the same abs-max / min-max
-scale, the same ``1/d``, truncation after ``+ 8.5`` / ``+ 16.5`` / ``+ 0.5``, and for Q8_0
-rounding half away from zero like C's ``roundf`` -- and ``tests/test_quant.py`` checks that its
-blocks are byte-identical to llama.cpp's own ``ggml_quantize_chunk`` on random and real data.
+The legacy 32-weight block types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) are ggml's reference quantizers
+(``quantize_row_q*_ref``) in float32: numba kernels (:mod:`lora2gguf.quantize._legacy_numba`, loop for
+loop) or, with the numpy backend, gguf-py's ``quantize_blocks`` (Q8_0: our leaner copy of the same
+arithmetic). Both give the same abs-max / min-max scale, the same ``1/d``, truncation after ``+ 8.5``
+/ ``+ 16.5`` / ``+ 0.5``, and for Q8_0 rounding half away from zero like C's ``roundf``;
+``tests/test_quant.py`` checks both byte-identical to llama.cpp's ``ggml_quantize_chunk``.
 The K-quants (Q4_K, Q5_K, Q6_K), which gguf-py cannot encode, come from
 :mod:`lora2gguf.quantize.kquants`; the low-bit types (Q2_K, Q3_K, IQ4_NL, IQ4_XS) from
 :mod:`lora2gguf.quantize.lowbit`; the lattice types (IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S) from
@@ -61,8 +61,20 @@ def _q8_0_blocks(blocks: np.ndarray) -> np.ndarray:
 
 
 def _legacy(type_name: str) -> Callable[[np.ndarray], np.ndarray]:
-    quantize_blocks = _q8_0_blocks if type_name == "Q8_0" else getattr(gguf.quants, type_name).quantize_blocks
     type_size = BLOCK[type_name][1]
+    if kquants.resolve_backend() == "numba":
+        from lora2gguf.quantize import _legacy_numba
+
+        kernel = getattr(_legacy_numba, type_name.lower())
+
+        def encode_numba(rows: np.ndarray) -> np.ndarray:
+            out = np.empty((rows.shape[0], rows.shape[1] // 32 * type_size), dtype=np.uint8)
+            with np.errstate(all="ignore"):  # C semantics on degenerate blocks, as the numpy path
+                kernel(rows, out)
+            return out
+
+        return encode_numba
+    quantize_blocks = _q8_0_blocks if type_name == "Q8_0" else getattr(gguf.quants, type_name).quantize_blocks
 
     def encode(rows: np.ndarray) -> np.ndarray:
         flat = rows.reshape(-1, 32)

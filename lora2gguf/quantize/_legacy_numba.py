@@ -1,0 +1,159 @@
+"""numba kernels of ggml's reference quantizers for the 32-weight block types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0).
+
+Each kernel follows one ``quantize_row_*_ref`` of ggml-quants.c loop for loop in float32 scalars, so
+the bytes are those of ``ggml_quantize_chunk`` without importance weights. numba keeps float32 for
+float32 operands and, without fastmath, neither reorders nor fuses operations; the numpy encoders
+(gguf-py's) give the same bytes, and ``tests/test_quant.py`` checks both against llama.cpp.
+Compiled with ``nogil`` so the quantizer's thread pool runs them on every core.
+
+``X`` is ``(rows, n_per_row)`` float32 with ``n_per_row`` a multiple of 32, ``OUT`` the
+``(rows, row_bytes)`` uint8 result.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from lora2gguf.quantize._weighted_numba import _fp16_round, _put_fp16
+
+_QK = 32
+_HALF = _QK // 2
+_ZERO = np.float32(0.0)
+_ONE = np.float32(1.0)
+_F32_MAX = np.float32(np.finfo(np.float32).max)
+
+
+@njit(inline="always", cache=True, error_model="numpy")
+def _signed_absmax(x, start):  # pragma: no cover - compiled
+    """The block's value of largest magnitude, with its sign (the first one on a tie), and that magnitude."""
+    amax = _ZERO
+    vmax = _ZERO
+    for j in range(_QK):
+        v = x[start + j]
+        if amax < abs(v):
+            amax = abs(v)
+            vmax = v
+    return vmax, amax
+
+
+@njit(inline="always", cache=True, error_model="numpy")
+def _min_max(x, start):  # pragma: no cover - compiled
+    lo = _F32_MAX
+    hi = -_F32_MAX
+    for j in range(_QK):
+        v = x[start + j]
+        if v < lo:
+            lo = v
+        if v > hi:
+            hi = v
+    return lo, hi
+
+
+@njit(inline="always", cache=True, error_model="numpy")
+def _inverse(d):  # pragma: no cover - compiled
+    return _ONE / d if d != _ZERO else _ZERO
+
+
+@njit(inline="always", cache=True, error_model="numpy")
+def _put_u32(out, pos, v):  # pragma: no cover - compiled
+    for b in range(4):
+        out[pos + b] = (v >> (8 * b)) & 0xFF
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def q4_0(X, OUT):  # pragma: no cover - compiled
+    """quantize_row_q4_0_ref: d = max / -8 (signed abs-max), q = min(15, (int8)(x/d + 8.5))."""
+    for r in range(X.shape[0]):
+        x = X[r]
+        for i in range(X.shape[1] // _QK):
+            s, o = i * _QK, i * 18
+            vmax, _ = _signed_absmax(x, s)
+            d = vmax / np.float32(-8.0)
+            inv = _inverse(d)
+            _put_fp16(OUT[r], o, _fp16_round(d))
+            for j in range(_HALF):
+                q0 = min(15, int(x[s + j] * inv + np.float32(8.5)))
+                q1 = min(15, int(x[s + _HALF + j] * inv + np.float32(8.5)))
+                OUT[r, o + 2 + j] = q0 | (q1 << 4)
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def q4_1(X, OUT):  # pragma: no cover - compiled
+    """quantize_row_q4_1_ref: d = (max - min) / 15, m = min, q = min(15, (int8)((x - min)/d + 0.5))."""
+    for r in range(X.shape[0]):
+        x = X[r]
+        for i in range(X.shape[1] // _QK):
+            s, o = i * _QK, i * 20
+            lo, hi = _min_max(x, s)
+            d = (hi - lo) / np.float32(15.0)
+            inv = _inverse(d)
+            _put_fp16(OUT[r], o, _fp16_round(d))
+            _put_fp16(OUT[r], o + 2, _fp16_round(lo))
+            for j in range(_HALF):
+                q0 = min(15, int((x[s + j] - lo) * inv + np.float32(0.5)))
+                q1 = min(15, int((x[s + _HALF + j] - lo) * inv + np.float32(0.5)))
+                OUT[r, o + 4 + j] = q0 | (q1 << 4)
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def q5_0(X, OUT):  # pragma: no cover - compiled
+    """quantize_row_q5_0_ref: d = max / -16, q = min(31, (int8)(x/d + 16.5)); fifth bits in a 32-bit qh."""
+    for r in range(X.shape[0]):
+        x = X[r]
+        for i in range(X.shape[1] // _QK):
+            s, o = i * _QK, i * 22
+            vmax, _ = _signed_absmax(x, s)
+            d = vmax / np.float32(-16.0)
+            inv = _inverse(d)
+            _put_fp16(OUT[r], o, _fp16_round(d))
+            qh = 0
+            for j in range(_HALF):
+                q0 = min(31, int(x[s + j] * inv + np.float32(16.5)))
+                q1 = min(31, int(x[s + _HALF + j] * inv + np.float32(16.5)))
+                OUT[r, o + 6 + j] = (q0 & 0x0F) | ((q1 & 0x0F) << 4)
+                qh |= ((q0 & 0x10) >> 4) << j
+                qh |= ((q1 & 0x10) >> 4) << (j + _HALF)
+            _put_u32(OUT[r], o + 2, qh)
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def q5_1(X, OUT):  # pragma: no cover - compiled
+    """quantize_row_q5_1_ref: d = (max - min) / 31, m = min, q = (uint8)((x - min)/d + 0.5)."""
+    for r in range(X.shape[0]):
+        x = X[r]
+        for i in range(X.shape[1] // _QK):
+            s, o = i * _QK, i * 24
+            lo, hi = _min_max(x, s)
+            d = (hi - lo) / np.float32(31.0)
+            inv = _inverse(d)
+            _put_fp16(OUT[r], o, _fp16_round(d))
+            _put_fp16(OUT[r], o + 2, _fp16_round(lo))
+            qh = 0
+            for j in range(_HALF):
+                q0 = int((x[s + j] - lo) * inv + np.float32(0.5))
+                q1 = int((x[s + _HALF + j] - lo) * inv + np.float32(0.5))
+                OUT[r, o + 8 + j] = (q0 & 0x0F) | ((q1 & 0x0F) << 4)
+                qh |= ((q0 & 0x10) >> 4) << j
+                qh |= ((q1 & 0x10) >> 4) << (j + _HALF)
+            _put_u32(OUT[r], o + 4, qh)
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def q8_0(X, OUT):  # pragma: no cover - compiled
+    """quantize_row_q8_0_ref: d = absmax / 127, q = roundf(x/d) (half away from zero)."""
+    for r in range(X.shape[0]):
+        x = X[r]
+        for i in range(X.shape[1] // _QK):
+            s, o = i * _QK, i * 34
+            _, amax = _signed_absmax(x, s)
+            d = amax / np.float32(127.0)
+            inv = _inverse(d)
+            _put_fp16(OUT[r], o, _fp16_round(d))
+            for j in range(_QK):
+                v = x[s + j] * inv
+                # roundf: half away from zero; floor(|v| + 0.5) would round 0.49999997 up
+                a = abs(v)
+                w = np.floor(a)
+                q = w + np.floor((a - w) * np.float32(2.0))
+                OUT[r, o + 2 + j] = (int(q) if v >= _ZERO else -int(q)) & 0xFF
