@@ -168,6 +168,10 @@ def decode(type_name: str, data: np.ndarray, n_per_row: int) -> np.ndarray:
     if type_name == "F32":
         return np.asarray(data).view(np.float32).reshape(-1, n_per_row)
     if type_name == "F16":
+        if kquants.resolve_backend() == "numba":
+            from lora2gguf.quantize._f16_numba import widen_f16
+
+            return widen_f16(np.asarray(data).view(np.uint16).reshape(-1, n_per_row))
         return np.asarray(data).view(np.float16).reshape(-1, n_per_row).astype(np.float32)
     if type_name == "BF16":
         # bfloat16 is the top half of a float32: widening is exact.
