@@ -212,6 +212,16 @@ def test_block_encoders_byte_identical_to_ggml(qtype: str, backend: str, monkeyp
     assert same.all(), f"{qtype}: rows differ: {np.flatnonzero(~same)[:10]}"
 
 
+@pytest.mark.parametrize("backend", ["numba", "numpy"])
+def test_f16_rows_widen_exactly_for_every_bit_pattern(backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LORA2GGUF_KQUANTS_BACKEND", backend)
+    bits = np.arange(65536, dtype=np.uint32).astype(np.uint16)
+    got = blocks.decode("F16", bits.view(np.uint8), 256)
+    want = bits.view(np.float16).astype(np.float32).reshape(-1, 256)
+    assert got.dtype == np.float32 and got.shape == (256, 256)
+    assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
+
+
 def test_encode_rejects_bad_row_length() -> None:
     with pytest.raises(ValueError, match="not a multiple"):
         blocks.encode("Q4_0", np.zeros((2, 40), np.float32))
