@@ -63,6 +63,16 @@ def test_weighted_blocks_byte_identical_to_ggml(qtype: str) -> None:
     assert same.all(), f"{qtype}: rows differ from ggml: {np.flatnonzero(~same)[:10]}"
 
 
+@pytest.mark.parametrize("qtype", ["Q4_0", "Q5_1", "Q4_K", "Q6_K"])
+def test_non_finite_row_takes_the_scalar_search_with_same_bytes_for_the_others(qtype: str) -> None:
+    """The weighted kernels search a tile of sub-blocks at once unless a value in it is not finite;
+    then that tile goes one sub-block at a time, as C does. Finite rows must not notice."""
+    x, qw = _rows_and_weights(8, 512, seed=3)
+    clean = blocks.encode(qtype, x, qw)
+    with_inf = np.vstack([x, np.full((1, 512), np.inf, np.float32)])
+    assert np.array_equal(blocks.encode(qtype, with_inf, qw)[:8], clean)
+
+
 @pytest.mark.parametrize("qtype", sorted(ROW_ENCODERS))
 def test_weighted_blocks_match_scalar_transcription(qtype: str) -> None:
     """The numba kernels against a loop-by-loop float32 transcription of the C *_impl functions."""

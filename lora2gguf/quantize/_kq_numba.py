@@ -207,9 +207,6 @@ _SAFE = np.float32(2097152.0)  # 2**21: half the exact range, margin for roundin
 def qkx2_search_vec(XT, nmax, rmin, rdelta, nstep, scales, the_mins, LT):  # pragma: no cover - compiled
     """Vectorised twin of qkx2_search on XT (n, S); fills LT (n, S). False: use the scalar kernel."""
     n, S = XT.shape
-    nmaxf = np.float32(nmax)
-    rminf = np.float32(rmin)
-    rdeltaf = np.float32(rdelta)
     nf = np.float32(n)
     W = np.empty((n, S), dtype=np.float32)
     sum_x2 = np.zeros(S, dtype=np.float32)
@@ -222,6 +219,18 @@ def qkx2_search_vec(XT, nmax, rmin, rdelta, nstep, scales, the_mins, LT):  # pra
     for i in range(n):
         for s in range(S):
             W[i, s] = av_x[s] + abs(XT[i, s])
+    return qkx_search_vec(XT, W, nmax, rmin, rdelta, nstep, scales, the_mins, LT)
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def qkx_search_vec(XT, W, nmax, rmin, rdelta, nstep, scales, the_mins, LT):  # pragma: no cover - compiled
+    """_make_qkx_quants for the S columns of XT (n, S) at once with weights W (n, S): each column's
+    sums in C's order, the loop over columns the one the compiler vectorises. Fills scales,
+    the_mins (S,) and LT (n, S); False: some value may leave the rounding trick's exact range."""
+    n, S = XT.shape
+    nmaxf = np.float32(nmax)
+    rminf = np.float32(rmin)
+    rdeltaf = np.float32(rdelta)
     xmin = XT[0].copy()
     xmax = XT[0].copy()
     sum_w = W[0].copy()
@@ -337,6 +346,20 @@ def qkx2_search_vec(XT, nmax, rmin, rdelta, nstep, scales, the_mins, LT):  # pra
 def qx_rmse1_search_vec(XT, nmax, scales, LT):  # pragma: no cover - compiled
     """Vectorised twin of qx_rmse1_search on XT (n, S); fills LT (n, S). False: use the scalar kernel."""
     n, S = XT.shape
+    W = np.empty((n, S), dtype=np.float32)
+    for i in range(n):
+        for s in range(S):
+            W[i, s] = XT[i, s] * XT[i, s]
+    return qx_search_vec(XT, W, nmax, scales, LT)
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def qx_search_vec(XT, W, nmax, scales, LT):  # pragma: no cover - compiled
+    """make_qx_quants(n, nmax, x, L, rmse_type=1, weights) for the S columns of XT (n, S) at once,
+    weights W (n, S). Each column's sums run in C's order; the loop over columns is the one the
+    compiler vectorises. Fills scales (S,) and LT (n, S) (levels + nmax); False when a column's
+    scaled values leave the exact range of the rounding trick (then use the scalar kernel)."""
+    n, S = XT.shape
     nmaxf = np.float32(nmax)
     lo = np.float32(-nmax)
     hi = np.float32(nmax - 1)
@@ -352,13 +375,10 @@ def qx_rmse1_search_vec(XT, nmax, scales, LT):  # pragma: no cover - compiled
     zero = np.empty(S, dtype=np.bool_)
     for s in range(S):
         zero[s] = amax[s] < _EPS
-    W = np.empty((n, S), dtype=np.float32)
     WX = np.empty((n, S), dtype=np.float32)
     for i in range(n):
         for s in range(S):
-            w = XT[i, s] * XT[i, s]
-            W[i, s] = w
-            WX[i, s] = w * XT[i, s]
+            WX[i, s] = W[i, s] * XT[i, s]
     isc = np.empty(S, dtype=np.float32)
     best_isc = np.empty(S, dtype=np.float32)
     best = np.empty(S, dtype=np.float32)

@@ -18,7 +18,7 @@ import math
 import numpy as np
 from numba import njit
 
-from lora2gguf.quantize._kq_numba import _make_qkx_quants, _make_qx_quants, _nearest_int
+from lora2gguf.quantize._kq_numba import _make_qkx_quants, _make_qx_quants, _nearest_int, qkx_search_vec, qx_search_vec
 
 _ZERO = np.float32(0.0)
 _ONE = np.float32(1.0)
@@ -151,33 +151,110 @@ def _put_qs_qh(out, o, L, with_qh):  # pragma: no cover - compiled
 
 
 @njit(cache=True, error_model="numpy")
+def _all_finite(A):  # pragma: no cover - compiled
+    for i in range(A.shape[0]):
+        for j in range(A.shape[1]):
+            if not np.isfinite(A[i, j]):
+                return False
+    return True
+
+
+@njit(cache=True, error_model="numpy")
+def _sub_blocks(X, sub):  # pragma: no cover - compiled
+    """X (rows, n) -> (sub, S): column s = r * (n // sub) + b is sub-block b of row r."""
+    rows, n = X.shape
+    per = n // sub
+    XT = np.empty((sub, rows * per), np.float32)
+    for r in range(rows):
+        for b in range(per):
+            for i in range(sub):
+                XT[i, r * per + b] = X[r, sub * b + i]
+    return XT
+
+
+# Columns searched together: the vectorised kernels sweep their inputs once per candidate scale
+# (20 to 38 sweeps), so a tile must stay in the L2 cache (256 columns of 32: about 100 KiB).
+_TILE = 256
+
+
+@njit(cache=True, error_model="numpy")
+def _search_tile(XT, WT, nmax, with_min, SC, MN, LT):  # pragma: no cover - compiled
+    """make_qx_quants / make_qkx3_quants of every column of one tile: all at once when the
+    vectorised kernels are exact for them (finite values inside the rounding trick's range),
+    else one column at a time as C."""
+    if _all_finite(XT) and _all_finite(WT):
+        if with_min:
+            if qkx_search_vec(XT, WT, nmax, _RMIN, _RDELTA, 36, SC, MN, LT):
+                return
+        elif qx_search_vec(XT, WT, nmax, SC, LT):
+            return
+    sub, S = XT.shape
+    x = np.empty(sub, np.float32)
+    w = np.empty(sub, np.float32)
+    L = np.empty(sub, np.int64)
+    Laux = np.empty(sub, np.int64)
+    fbuf = np.empty(1, np.float32)
+    ibuf = fbuf.view(np.int32)
+    for s in range(S):
+        for i in range(sub):
+            x[i] = XT[i, s]
+            w[i] = WT[i, s]
+        if with_min:
+            SC[s], MN[s] = _make_qkx_quants(sub, nmax, x, w, L, Laux, _RMIN, _RDELTA, 36, fbuf, ibuf)
+        else:
+            SC[s] = _make_qx_quants(sub, nmax, x, L, w, fbuf, ibuf)
+        for i in range(sub):
+            LT[i, s] = L[i] & 0xFF
+
+
+@njit(cache=True, error_model="numpy")
+def _search(XT, WT, nmax, with_min, SC, MN, LT):  # pragma: no cover - compiled
+    """Every sub-block's (column's) make_qx_quants(n, nmax, rmse 1) or, ``with_min``,
+    make_qkx3_quants(n, nmax, rmin -0.9, rdelta 0.05, 36 steps) with weights WT: fills the scales
+    SC, the negated mins MN and the levels LT, a cache-sized tile of columns at a time."""
+    sub, S = XT.shape
+    for t0 in range(0, S, _TILE):
+        t1 = min(S, t0 + _TILE)
+        lt = np.empty((sub, t1 - t0), np.uint8)
+        _search_tile(
+            np.ascontiguousarray(XT[:, t0:t1]), np.ascontiguousarray(WT[:, t0:t1]), nmax, with_min,
+            SC[t0:t1], MN[t0:t1], lt,
+        )
+        LT[:, t0:t1] = lt
+
+
+@njit(cache=True, error_model="numpy")
 def _legacy_rows(X, QW, OUT, nmax, with_min, block_bytes):  # pragma: no cover - compiled
     """quantize_row_q{4,5}_{0,1}_impl. Per block the weights are qw * sqrt(sigma2 + x^2) (sigma2:
     the row's mean square); symmetric types (_0) use make_qx_quants(32, nmax), types with a min (_1)
     make_qkx3_quants(32, 2 * nmax - 1). Layout: d [, m] [, qh], qs."""
     rows, n = X.shape
-    weight = np.empty(32, np.float32)
+    per = n // 32
+    XT = _sub_blocks(X, 32)
+    WT = np.empty_like(XT)
+    for r in range(rows):
+        sigma2 = _row_sigma2(X[r], n)
+        for b in range(per):
+            for j in range(32):
+                xj = XT[j, r * per + b]
+                WT[j, r * per + b] = QW[32 * b + j] * np.sqrt(sigma2 + xj * xj)
+    SC = np.empty(rows * per, np.float32)
+    MN = np.empty(rows * per, np.float32)
+    LT = np.empty((32, rows * per), np.uint8)
+    _search(XT, WT, 2 * nmax - 1 if with_min else nmax, with_min, SC, MN, LT)
     L = np.empty(32, np.int64)
-    Laux = np.empty(32, np.int64)
-    fbuf = np.empty(1, np.float32)
-    ibuf = fbuf.view(np.int32)
     with_qh = nmax == 16
     for r in range(rows):
-        x = X[r]
-        sigma2 = _row_sigma2(x, n)
-        for ib in range(n // 32):
-            xb = x[32 * ib : 32 * ib + 32]
-            for j in range(32):
-                weight[j] = QW[32 * ib + j] * np.sqrt(sigma2 + xb[j] * xb[j])
-            o = block_bytes * ib
+        for b in range(per):
+            s = r * per + b
+            o = block_bytes * b
+            _put_fp16(OUT[r], o, _fp16_round(SC[s]))
+            o += 2
             if with_min:
-                d, the_min = _make_qkx_quants(32, 2 * nmax - 1, xb, weight, L, Laux, _RMIN, _RDELTA, 36, fbuf, ibuf)
-                _put_fp16(OUT[r], o, _fp16_round(d))
-                _put_fp16(OUT[r], o + 2, _fp16_round(-the_min))
-                o += 4
-            else:
-                _put_fp16(OUT[r], o, _fp16_round(_make_qx_quants(32, nmax, xb, L, weight, fbuf, ibuf)))
+                _put_fp16(OUT[r], o, _fp16_round(-MN[s]))
                 o += 2
+            for j in range(32):
+                L[j] = LT[j, s]
             _put_qs_qh(OUT[r], o + 4 if with_qh else o, L, with_qh)
 
 
@@ -210,24 +287,42 @@ def _scale_min_k4(j, q):  # pragma: no cover - compiled
 
 
 @njit(cache=True, error_model="numpy")
-def _qkx_superblock(x, qw, nmax, clamp63, L, sc, Laux, weights, scales, mins, sw, Ls, Lm, fbuf, ibuf):  # pragma: no cover - compiled
-    """The shared part of quantize_row_q4_K_impl / q5_K_impl for one 256-weight super-block:
-    fills L (levels), sc (the 12 packed scale bytes) and returns (d, dmin) rounded to fp16."""
-    sum_x2 = _ZERO
-    for i in range(_QK_K):
-        sum_x2 = sum_x2 + x[i] * x[i]
-    sigma2 = _TWO * sum_x2 / np.float32(_QK_K)
-    for j in range(8):
-        for i in range(32):
-            xi = x[32 * j + i]
-            weights[i] = qw[32 * j + i] * np.sqrt(sigma2 + xi * xi)
-        sumw = _ZERO
-        for i in range(32):
-            sumw = sumw + weights[i]
-        sw[j] = sumw
-        s, m = _make_qkx_quants(32, nmax, x[32 * j : 32 * j + 32], weights, L[32 * j : 32 * j + 32], Laux, _RMIN, _RDELTA, 36, fbuf, ibuf)
-        scales[j] = s
-        mins[j] = m
+def _qkx_search(X, QW, nmax):  # pragma: no cover - compiled
+    """The sub-block searches of quantize_row_q4_K_impl / q5_K_impl for all rows: weights
+    qw * sqrt(sigma2 + x^2) with sigma2 = 2 * the super-block's mean square. Returns the scales,
+    negated mins, sums of weights (per 32-weight sub-block) and levels (32, S)."""
+    rows, n = X.shape
+    per = n // 32
+    XT = _sub_blocks(X, 32)
+    WT = np.empty_like(XT)
+    SW = np.empty(rows * per, np.float32)
+    for r in range(rows):
+        for ibk in range(n // _QK_K):
+            sum_x2 = _ZERO
+            for i in range(_QK_K):
+                xi = X[r, _QK_K * ibk + i]
+                sum_x2 = sum_x2 + xi * xi
+            sigma2 = _TWO * sum_x2 / np.float32(_QK_K)
+            for j in range(8):
+                s = r * per + 8 * ibk + j
+                sumw = _ZERO
+                for i in range(32):
+                    xi = XT[i, s]
+                    WT[i, s] = QW[_QK_K * ibk + 32 * j + i] * np.sqrt(sigma2 + xi * xi)
+                    sumw = sumw + WT[i, s]
+                SW[s] = sumw
+    SC = np.empty(rows * per, np.float32)
+    MN = np.empty(rows * per, np.float32)
+    LT = np.empty((32, rows * per), np.uint8)
+    _search(XT, WT, nmax, True, SC, MN, LT)
+    return SC, MN, SW, LT
+
+
+@njit(cache=True, error_model="numpy")
+def _qkx_superblock(x, nmax, clamp63, L, sc, scales, mins, sw, Ls, Lm, fbuf, ibuf):  # pragma: no cover - compiled
+    """The rest of quantize_row_q4_K_impl / q5_K_impl for one 256-weight super-block, given its
+    sub-blocks' searched scales, mins, weight sums and levels (in L): fills L (final levels), sc (the
+    12 packed scale bytes) and returns (d, dmin) rounded to fp16."""
     d_block = _fp16_round(_make_qp_quants(8, 63, scales, Ls, sw, fbuf, ibuf))
     m_block = _fp16_round(_make_qp_quants(8, 63, mins, Lm, sw, fbuf, ibuf))
     for j in range(12):
@@ -261,23 +356,25 @@ def _qkx_rows(X, QW, OUT, nmax, block_bytes):  # pragma: no cover - compiled
     """quantize_row_q4_K_impl (nmax 15, 144-byte blocks) and quantize_row_q5_K_impl (nmax 31, 176
     bytes: the fifth bits in qh, scales clamped to 63). Layout: d, dmin, scales[12] [, qh[32]], qs."""
     rows, n = X.shape
+    SC, MN, SW, LT = _qkx_search(X, QW, nmax)
     L = np.zeros(_QK_K, np.int64)
-    Laux = np.empty(32, np.int64)
     sc = np.zeros(12, np.int64)
-    weights = np.empty(32, np.float32)
-    scales = np.empty(8, np.float32)
-    mins = np.empty(8, np.float32)
-    sw = np.empty(8, np.float32)
     Ls = np.empty(8, np.int64)
     Lm = np.empty(8, np.int64)
     fbuf = np.empty(1, np.float32)
     ibuf = fbuf.view(np.int32)
     five_bits = nmax == 31
+    per = n // 32
     for r in range(rows):
         for ibk in range(n // _QK_K):
             x = X[r, _QK_K * ibk : _QK_K * ibk + _QK_K]
-            qw = QW[_QK_K * ibk : _QK_K * ibk + _QK_K]
-            d, dmin = _qkx_superblock(x, qw, nmax, five_bits, L, sc, Laux, weights, scales, mins, sw, Ls, Lm, fbuf, ibuf)
+            s0 = r * per + 8 * ibk
+            for j in range(8):
+                for i in range(32):
+                    L[32 * j + i] = LT[i, s0 + j]
+            d, dmin = _qkx_superblock(
+                x, nmax, five_bits, L, sc, SC[s0 : s0 + 8], MN[s0 : s0 + 8], SW[s0 : s0 + 8], Ls, Lm, fbuf, ibuf
+            )
             o = block_bytes * ibk
             _put_fp16(OUT[r], o, d)
             _put_fp16(OUT[r], o + 2, dmin)
@@ -317,6 +414,16 @@ def q5_k(X, QW, OUT):  # pragma: no cover - compiled
 def q6_k(X, QW, OUT):  # pragma: no cover - compiled
     """quantize_row_q6_K_impl: make_qx_quants(16, 32) weighted by qw directly (no sigma2 term)."""
     rows, n = X.shape
+    per = n // 16
+    XT = _sub_blocks(X, 16)
+    WT = np.empty_like(XT)
+    for r in range(rows):
+        for b in range(per):
+            for i in range(16):
+                WT[i, r * per + b] = QW[16 * b + i]
+    SC = np.empty(rows * per, np.float32)
+    LT = np.empty((16, rows * per), np.uint8)
+    _search(XT, WT, 32, False, SC, np.empty(rows * per, np.float32), LT)
     L = np.zeros(_QK_K, np.int64)
     scales = np.empty(16, np.float32)
     isc = np.empty(16, np.int64)
@@ -325,12 +432,13 @@ def q6_k(X, QW, OUT):  # pragma: no cover - compiled
     for r in range(rows):
         for ibk in range(n // _QK_K):
             x = X[r, _QK_K * ibk : _QK_K * ibk + _QK_K]
-            qw = QW[_QK_K * ibk : _QK_K * ibk + _QK_K]
             o = 210 * ibk
             max_scale = _ZERO
             max_abs_scale = _ZERO
             for ib in range(16):
-                s = _make_qx_quants(16, 32, x[16 * ib : 16 * ib + 16], L[16 * ib : 16 * ib + 16], qw[16 * ib : 16 * ib + 16], fbuf, ibuf)
+                s = SC[r * per + 16 * ibk + ib]
+                for i in range(16):
+                    L[16 * ib + i] = LT[i, r * per + 16 * ibk + ib]
                 scales[ib] = s
                 if abs(s) > max_abs_scale:
                     max_abs_scale = abs(s)
