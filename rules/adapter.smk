@@ -17,8 +17,9 @@ rule convert_base_gguf:
     params:
         folder=base_folder,
         outtype=config["convert"]["outtype"],
+        backend=config["convert"]["backend"],
     shell:
-        "lora2gguf convert {params.folder:q} {output.gguf:q} --outtype {params.outtype}"
+        "lora2gguf convert {params.folder:q} {output.gguf:q} --outtype {params.outtype} --backend {params.backend:q}"
         " --name {wildcards.base} > {log} 2>&1"
 
 

@@ -1,4 +1,5 @@
-# Conversion of the merged HF folder to GGUF with lora2gguf's own converter (gguf-py, no torch).
+# Conversion of the merged HF folder to GGUF: lora2gguf's own converter (gguf-py, no torch) for the architectures
+# it knows, llama.cpp's convert_hf_to_gguf.py for the others (config convert.backend).
 # The log ends with the tensor count, file size, time and peak memory of the conversion.
 rule convert_gguf:
     input:
@@ -14,10 +15,11 @@ rule convert_gguf:
         "../envs/gguf.yaml"
     params:
         outtype=config["convert"]["outtype"],
+        backend=config["convert"]["backend"],
         base=lambda wildcards: Path(candidate_base(wildcards)).name,
         adapter=lambda wildcards: wildcards.model,
         template=lambda wildcards, input: option_for("--chat-template", input.template),
     shell:
-        "lora2gguf convert {input.model:q} {output.gguf:q} --outtype {params.outtype}"
+        "lora2gguf convert {input.model:q} {output.gguf:q} --outtype {params.outtype} --backend {params.backend:q}"
         " --base-model {params.base:q} --adapter {params.adapter:q} --name {wildcards.model}"
         " {params.template} > {log} 2>&1"

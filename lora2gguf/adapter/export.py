@@ -93,6 +93,14 @@ def _gguf_name(adapter: PeftAdapter, pair: LoraPair, base: _Base, name_map: gguf
             f"{where}: module '{pair.module}' has no {base.spec.name} GGUF tensor, so a llama.cpp LoRA adapter cannot "
             f"target it; {MERGE_HINT}"
         )
+    transform = base.spec.transform
+    if transform is not None and transform(f"{pair.module}.weight", np.zeros(1, np.float32)).any():
+        # The base tensor is stored changed in the GGUF (Gemma's norms as w + 1): an update added to it
+        # would not be peft's.
+        raise Lora2ggufError(
+            f"{where}: module '{pair.module}' is LoRA-adapted but {base.spec.name} stores that tensor transformed in "
+            f"the GGUF, which a llama.cpp LoRA adapter cannot express; {MERGE_HINT}"
+        )
     if base.hp.tie_word_embeddings and name in ("token_embd.weight", "output.weight"):
         raise Lora2ggufError(
             f"{where}: module '{pair.module}' is LoRA-adapted but the base ties its input embedding and output head "

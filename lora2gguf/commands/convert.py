@@ -5,20 +5,25 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from lora2gguf.archs import ARCHS
 from lora2gguf.convert.convert import ConvertOptions, run_convert
+from lora2gguf.convert.external import BACKENDS, ENV_LLAMA_CPP
 
-HELP = "convert a merged Hugging Face model folder (Qwen2 or Llama) to a GGUF file"
+HELP = "convert a merged Hugging Face model folder to a GGUF file (natively, or with llama.cpp's converter)"
 
 # In the order --help lists them; the step checks the value against its OUTTYPES table.
 _OUTTYPES = ("f16", "bf16", "f32", "q8_0")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    native = ", ".join(f"{hf} ({spec.name})" for spec in ARCHS.values() for hf in spec.hf_architectures)
     parser.description = (
-        "Convert a merged Hugging Face model folder (config.json, tokenizer.json, *.safetensors) to one GGUF "
-        "file that llama.cpp loads. Supported architectures: Qwen2ForCausalLM (qwen2: Qwen1.5/Qwen2/Qwen2.5) "
-        "and LlamaForCausalLM (llama: Llama, SmolLM2). Tensors are streamed one at a time from memory-mapped "
-        "safetensors; the output is written to a temporary file and renamed when complete. Torch is not needed."
+        "Convert a merged Hugging Face model folder (config.json, tokenizer files, *.safetensors) to one GGUF "
+        f"file that llama.cpp loads. Converted natively: {native}; tensors are streamed one at a time from "
+        "memory-mapped safetensors, without torch. Other architectures go through llama.cpp's own "
+        "convert_hf_to_gguf.py, from the sources of the installed llama-cpp-python (`make llama-tools` downloads "
+        "them; nothing is downloaded at run time), in a process that never runs code shipped with the model. "
+        "Either way the output is written to a temporary file and renamed when complete."
     )
     parser.add_argument("in_dir", metavar="IN_DIR", type=Path, help="merged model folder (Hugging Face layout)")
     parser.add_argument("out", metavar="OUT.gguf", type=Path, help="GGUF file to write")
@@ -34,6 +39,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--name", metavar="NAME", help="model name for general.name (default: from the folder)")
     parser.add_argument("--chat-template", metavar="JINJA", type=Path,
                         help="carry this chat template (e.g. the one the run was trained with) instead of the folder's")
+    parser.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="auto",
+        help="auto (default): lora2gguf's converter where it knows the architecture, llama.cpp's "
+        "convert_hf_to_gguf.py otherwise; native: lora2gguf's only (fails on other architectures); llama.cpp: "
+        "llama.cpp's converter always (also a cross-check of the native one)",
+    )
+    parser.add_argument(
+        "--llama-cpp",
+        metavar="DIR",
+        type=Path,
+        help=f"a llama.cpp source folder whose convert_hf_to_gguf.py runs instead of the pinned one "
+        f"(default: ${ENV_LLAMA_CPP}, else the installed llama-cpp-python's sources)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no per-tensor progress bar")
     parser.add_argument(
         "--report",
@@ -54,6 +74,8 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         report=args.report,
         chat_template=args.chat_template,
+        backend=args.backend,
+        llama_cpp=args.llama_cpp,
     )
     run_convert(options)
     return 0

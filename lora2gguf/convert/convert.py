@@ -23,7 +23,7 @@ from lora2gguf.artifacts import (
     Output, atomic_file, check_links_inside, check_paths, read_text, sha256_file, sha256_tree, write_json,
 )
 from lora2gguf import archs
-from lora2gguf.convert import hparams, vocab
+from lora2gguf.convert import external, hparams, vocab
 from lora2gguf.convert.tensors import OUTTYPES, TensorPlan, convert_data, plan_tensors
 from lora2gguf.errors import Lora2ggufError
 from lora2gguf.formats.safetensors import TensorEntry, index_tensors, open_tensor
@@ -44,6 +44,9 @@ def _pad(handle: BinaryIO, n: int, alignment: int) -> None:
 def _write_tensor(handle: BinaryIO, plan: TensorPlan) -> None:
     """Convert and append one tensor, whole or in row blocks (identical bytes either way)."""
     entry = plan.entry
+    if entry is None:  # generated from the config (small: one value per rotary frequency)
+        convert_data(plan, plan.generated).tofile(handle)
+        return
     rows = plan.shape[0] if plan.shape else 0
     if plan.permute_heads is not None or entry.nbytes <= _CHUNK_BYTES or rows < 2:
         # q/k permutation mixes rows within a head, so those (small) tensors go whole.
@@ -135,6 +138,8 @@ class ConvertOptions:
     progress: bool = True
     report: Path | None = None  # also write the JSON report here
     chat_template: Path | None = None  # a Jinja file carried instead of the folder's own template
+    backend: str = "auto"  # auto | native | llama.cpp (llama.cpp's convert_hf_to_gguf.py: convert/external.py)
+    llama_cpp: Path | None = None  # a llama.cpp checkout whose converter runs instead of the pinned one
 
 
 @dataclass
@@ -159,7 +164,7 @@ def _check_inputs(model_dir: Path, outtype: str) -> None:
 def _check_paths(options: ConvertOptions) -> None:
     """The GGUF and the report must not overwrite the input folder, each other, or a folder."""
     check_paths(
-        [("IN_DIR", options.in_dir), ("--chat-template", options.chat_template)],
+        [("IN_DIR", options.in_dir), ("--chat-template", options.chat_template), ("--llama-cpp", options.llama_cpp)],
         [Output("OUT.gguf", options.out), Output("--report", options.report)],
     )
 
@@ -172,6 +177,7 @@ def _read_source(model_dir: Path, outtype: str) -> _Source:
     config = archs.load_config(model_dir)
     spec = archs.spec_for(config, config_path)
     hp = archs.read_hparams(config, config_path)
+    logger.info("%s: %s, converted natively as %s", config_path, config["architectures"][0], spec.name)
     entries = index_tensors(model_dir)
     plans, skipped = plan_tensors(entries, spec, hp, outtype, str(model_dir))
     by_name = {e.name: e for e in entries}
@@ -180,6 +186,9 @@ def _read_source(model_dir: Path, outtype: str) -> _Source:
     for skipped_name in skipped:
         logger.info("skipping %s (%s)", skipped_name, "tied to the embeddings" if skipped_name == "lm_head.weight" else "not a weight")
     voc = vocab.build_vocab(model_dir, spec, hp.vocab_size)
+    for plan in plans:
+        if plan.entry is None:
+            logger.info("generating %s from %s (as llama.cpp's converter does)", plan.gguf_name, config_path)
     return _Source(spec, hp, entries, plans, skipped, voc)
 
 
@@ -188,6 +197,8 @@ def _header_writer(
 ) -> gguf.GGUFWriter:
     """A gguf-py writer holding the tensor table and every metadata key, nothing written yet."""
     writer = gguf.GGUFWriter(path=None, arch=source.spec.name)
+    if source.spec.write_first is not None:
+        source.spec.write_first(writer, source.hp)
     for plan in source.plans:
         writer.add_tensor_info(plan.gguf_name, plan.shape, np.dtype(np.float32), plan.nbytes, raw_dtype=plan.qtype)
     # Key order follows llama.cpp's converter: type, general.*, hyperparameters, file type,
@@ -240,7 +251,7 @@ def _summary(
         n_parameters=sum(p.n_elements for p in plans),
         file_bytes=file_bytes,
         input_bytes=sum(e.nbytes for e in source.entries),
-        largest_tensor_bytes=max(p.entry.nbytes for p in plans),
+        largest_tensor_bytes=max(p.entry.nbytes for p in plans if p.entry is not None),
         seconds=round(timer.seconds, 3),
         peak_rss_mb=round(memory.peak_rss_mb, 1),
         rss_at_start_mb=round(memory.start_rss_mb, 1),
@@ -284,9 +295,13 @@ def convert(
     return summary
 
 
-def run_convert(options: ConvertOptions) -> ConvertSummary:
+def run_convert(options: ConvertOptions) -> ConvertSummary | external.LlamaCppSummary:
     """``lora2gguf convert``: the conversion, then the JSON report when one was asked for."""
     _check_paths(options)
+    backend = external.choose_backend(options.in_dir, options.backend)
+    if backend.name == "llama.cpp":
+        template = None if options.chat_template is None else read_text(options.chat_template, "chat template")
+        return external.run_llama_cpp(options, backend, template)
     summary = convert(
         options.in_dir,
         options.out,
@@ -325,6 +340,7 @@ def write_report(path: str | Path, summary: ConvertSummary) -> None:
     """JSON record of a conversion: what was measured, with versions, host and file hashes."""
     body = {
         "step": "convert",
+        "backend": "native",
         **summary.as_dict(),
         "input_sha256": sha256_tree(summary.input_dir),
         "output_sha256": sha256_file(summary.output),

@@ -7,11 +7,19 @@ import gguf
 # permute_qk lives in the base (lora2gguf.archs) since the adapter export needs it too; re-exported here.
 from lora2gguf.archs import ArchSpec, HParams, permute_qk
 
-__all__ = ["permute_qk", "write_arch_extras", "write_hparams"]
+__all__ = ["permute_qk", "write_arch_extras", "write_generic_hparams", "write_hparams"]
 
 
 def write_hparams(writer: gguf.GGUFWriter, spec: ArchSpec, hp: HParams) -> None:
     """The architecture's hyperparameter keys, in the order llama.cpp's converter writes them."""
+    if spec.write_hparams is not None:
+        spec.write_hparams(writer, hp)
+    else:
+        write_generic_hparams(writer, hp)
+
+
+def write_generic_hparams(writer: gguf.GGUFWriter, hp: HParams) -> None:
+    """What llama.cpp's TextModel.set_gguf_parameters writes for a plain decoder."""
     writer.add_block_count(hp.block_count)
     writer.add_context_length(hp.context_length)
     writer.add_embedding_length(hp.embedding_length)
@@ -38,6 +46,8 @@ def write_hparams(writer: gguf.GGUFWriter, spec: ArchSpec, hp: HParams) -> None:
                 add(float(hp.rope_scaling[key]))
     if hp.rope_theta is not None:
         writer.add_rope_freq_base(hp.rope_theta)
+    if hp.rope_theta_swa is not None:
+        writer.add_rope_freq_base_swa(hp.rope_theta_swa)
     writer.add_layer_norm_rms_eps(hp.rms_eps)
     if hp.head_dim is not None:
         writer.add_key_length(hp.head_dim)
@@ -49,4 +59,6 @@ def write_arch_extras(writer: gguf.GGUFWriter, spec: ArchSpec, hp: HParams) -> N
     if spec.write_vocab_size:
         writer.add_vocab_size(hp.vocab_size)
     if spec.write_rope_dimension_count:
-        writer.add_rope_dimension_count(hp.head_dim if hp.head_dim is not None else hp.embedding_length // hp.head_count)
+        writer.add_rope_dimension_count(hp.n_embd_head)
+    if spec.write_extras is not None:
+        spec.write_extras(writer, hp)

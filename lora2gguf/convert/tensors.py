@@ -10,6 +10,7 @@ import numpy as np
 
 from lora2gguf.errors import Lora2ggufError
 from lora2gguf.archs import SKIP_SUFFIXES, ArchSpec, HParams
+from lora2gguf.archs.base import TensorHook
 from lora2gguf.convert.hparams import permute_qk
 from lora2gguf.formats.safetensors import TensorEntry
 
@@ -29,18 +30,33 @@ F16_MAX = float(np.finfo(np.float16).max)  # 65504
 
 @dataclass
 class TensorPlan:
-    """One tensor to write: where it comes from and what it becomes."""
+    """One tensor to write: where it comes from and what it becomes.
 
-    entry: TensorEntry
+    ``entry`` is the checkpoint tensor it is read from; a tensor the architecture generates from the
+    config (llama3's rope_freqs) has none and carries its ``generated`` values instead.
+    """
+
+    entry: TensorEntry | None
     gguf_name: str
     shape: tuple[int, ...]
     qtype: gguf.GGMLQuantizationType
     nbytes: int
     permute_heads: int | None = None  # n_head for the q/k row permutation, None for none
+    transform: TensorHook | None = None  # the family's change to the values (Gemma: norm + 1)
+    generated: np.ndarray | None = None
 
     @property
     def n_elements(self) -> int:
+        if self.entry is None:
+            return int(self.generated.size) if self.generated is not None else 0
         return self.entry.n_elements
+
+    @property
+    def source(self) -> str:
+        """Where the values come from, for error messages: '<file>: tensor <name>'."""
+        if self.entry is None:
+            return f"generated tensor {self.gguf_name!r}"
+        return f"{self.entry.path}: tensor {self.entry.name!r}"
 
 
 def _is_float(entry: TensorEntry) -> bool:
@@ -81,7 +97,7 @@ def plan_tensors(
     names = {e.name for e in entries}
     for entry in entries:
         name = entry.name
-        if name.endswith(SKIP_SUFFIXES):
+        if name.endswith(SKIP_SUFFIXES) or name in spec.skip_names:
             skipped.append(name)
             continue
         if not _is_float(entry):
@@ -104,9 +120,19 @@ def plan_tensors(
             permute = hp.head_count
         elif spec.permute_qk and name.endswith(("k_proj.weight", "k_proj.bias")):
             permute = hp.n_head_kv
-        plans.append(TensorPlan(entry, gguf_name, shape, qtype, type_nbytes(shape, qtype), permute))
+        plans.append(TensorPlan(entry, gguf_name, shape, qtype, type_nbytes(shape, qtype), permute, spec.transform))
     _check_shapes(plans, hp, model_dir)
-    return plans, skipped
+    return _generated_plans(spec, hp, weight_type) + plans, skipped
+
+
+def _generated_plans(spec: ArchSpec, hp: HParams, weight_type: gguf.GGMLQuantizationType) -> list[TensorPlan]:
+    """Tensors the family computes from the config; llama.cpp's converter writes them first."""
+    plans = []
+    for gguf_name, values in spec.extra_tensors(hp) if spec.extra_tensors is not None else []:
+        shape = tuple(values.shape)
+        qtype = choose_qtype(gguf_name, shape, weight_type)
+        plans.append(TensorPlan(None, gguf_name, shape, qtype, type_nbytes(shape, qtype), generated=values))
+    return plans
 
 
 def _check_shapes(plans: list[TensorPlan], hp: HParams, model_dir: str) -> None:
@@ -127,8 +153,11 @@ def _check_shapes(plans: list[TensorPlan], hp: HParams, model_dir: str) -> None:
         )
     if out is not None and out.shape != embd.shape:
         raise Lora2ggufError(f"{out.entry.path}: tensor 'lm_head.weight' has shape {list(out.shape)}, expected {list(embd.shape)}")
-    expected = {f"blk.{i}.attn_q.weight" for i in range(hp.block_count)}
-    missing = sorted(expected - set(by_name))
+    # Every layer has its query projection, alone (attn_q) or fused with k and v (Phi-3's attn_qkv).
+    missing = sorted(
+        f"blk.{i}.attn_q.weight" for i in range(hp.block_count)
+        if f"blk.{i}.attn_q.weight" not in by_name and f"blk.{i}.attn_qkv.weight" not in by_name
+    )
     if missing:
         raise Lora2ggufError(f"{model_dir}: layers missing from the weight files (e.g. {missing[0]}); num_hidden_layers={hp.block_count}")
 
@@ -143,15 +172,19 @@ def convert_data(plan: TensorPlan, data: np.ndarray) -> np.ndarray:
         try:
             data = permute_qk(data, plan.permute_heads)
         except ValueError as exc:
-            raise Lora2ggufError(f"{plan.entry.path}: tensor {plan.entry.name!r}: {exc}") from None
+            raise Lora2ggufError(f"{plan.source}: {exc}") from None
     if data.dtype == np.float64:
         data = data.astype(np.float32)
+    if plan.transform is not None and plan.entry is not None:
+        # In the source's precision (f16 stays f16, bf16 was widened to f32), as llama.cpp's
+        # converter applies it to its torch tensor before choosing the output type.
+        data = plan.transform(plan.entry.name, data)
     # A NaN/Inf in the source would be written as is and make llama.cpp compute NaN logits; refuse it
     # here, naming the tensor, rather than hand over a GGUF that loads but cannot work.
     if np.issubdtype(data.dtype, np.floating) and not np.isfinite(data).all():
         count = int((~np.isfinite(data)).sum())
         raise Lora2ggufError(
-            f"{plan.entry.path}: tensor {plan.entry.name!r} ({plan.gguf_name}) holds {count} NaN/Inf value(s); "
+            f"{plan.source} ({plan.gguf_name}) holds {count} NaN/Inf value(s); "
             "the model is broken (check the merge or the base checkpoint)"
         )
     if plan.qtype == QT.F32:
@@ -164,7 +197,7 @@ def convert_data(plan: TensorPlan, data: np.ndarray) -> np.ndarray:
             if bad.any():
                 peak = float(np.abs(data[bad]).max())
                 raise Lora2ggufError(
-                    f"{plan.entry.path}: tensor {plan.entry.name!r} ({plan.gguf_name}) has values up to {peak:g}, "
+                    f"{plan.source} ({plan.gguf_name}) has values up to {peak:g}, "
                     f"beyond the float16 range (+-{F16_MAX:g}); F16 would turn them into inf. Use --outtype bf16 "
                     "(or f32) instead."
                 )

@@ -1,4 +1,5 @@
-"""Tokenizer metadata for byte-level BPE (GPT-2 style) vocabularies, read from ``tokenizer.json``.
+"""Tokenizer metadata: byte-level BPE (GPT-2 style) vocabularies read from ``tokenizer.json`` here,
+SentencePiece ones (``tokenizer.model``) in :mod:`lora2gguf.convert.vocab_spm`; the family's spec says which.
 
 Written keys: tokenizer.ggml.model (gpt2), .pre, .tokens, .token_type, .merges, special token ids
 (bos/eos/pad/...), add_bos_token/add_eos_token, and tokenizer.chat_template. The token list and
@@ -19,6 +20,7 @@ from typing import Any
 import gguf
 
 from lora2gguf.archs import ArchSpec
+from lora2gguf.convert.vocab_spm import looks_special, read_spm_vocab
 from lora2gguf.errors import Lora2ggufError
 
 logger = logging.getLogger(__name__)
@@ -78,6 +80,9 @@ class VocabInfo:
     special: gguf.SpecialVocab
     n_added: int
     n_padding: int
+    model: str = "gpt2"  # tokenizer.ggml.model: "gpt2" (byte-level BPE) or "llama" (SentencePiece)
+    scores: list[float] | None = None  # SentencePiece piece scores
+    forced_add_space_prefix: bool | None = None  # written after the vocabulary (Gemma)
 
 
 def _load_json(path: Path) -> Any:
@@ -131,12 +136,6 @@ def identify_pre_tokenizer(tokenizer: dict[str, Any], tokenizer_config: dict[str
         "implements (recognised: qwen2, llama-bpe, smollm/starcoder, gpt-2); converting it anyway would "
         "tokenize differently in llama.cpp"
     )
-
-
-def _looks_special(text: str) -> bool:
-    # Added tokens some tokenizers forget to flag as special (llama.cpp would warn at load and
-    # override their type): <|...|>, and a few well-known spellings.
-    return (text.startswith("<|") and text.endswith("|>")) or text in ("<pad>", "<mask>")
 
 
 def _read_tokenizer(model_dir: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
@@ -195,7 +194,7 @@ def _token_table(
             types.append(gguf.TokenType.UNUSED)
             n_padding += 1
         elif idx in added:
-            if added[idx].get("special") or _looks_special(text):
+            if added[idx].get("special") or looks_special(text):
                 types.append(gguf.TokenType.CONTROL)
             else:
                 # User-defined tokens are matched as raw text by llama.cpp; a sentencepiece-style
@@ -209,22 +208,87 @@ def _token_table(
     return tokens, [int(t) for t in types], n_padding
 
 
-def _special_vocab(model_dir: Path, tok_path: Path, vocab_size: int) -> gguf.SpecialVocab:
+def _special_vocab(model_dir: Path, tok_path: Path, vocab_size: int, tokenizer: dict[str, Any]) -> gguf.SpecialVocab:
     """Merges, special token ids, add_bos/add_eos and the chat template, via gguf-py."""
     special = gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=vocab_size)
     if not special.merges:
         raise Lora2ggufError(f"{tok_path}: key 'model.merges' is missing or empty; llama.cpp cannot load a BPE vocabulary without merges")
     # State whether BOS/EOS are added explicitly. HF byte-level tokenizers (Qwen2, SmolLM2) add
     # neither unless tokenizer_config/post_processor say so (SpecialVocab has already read those);
-    # leaving the key out would let llama.cpp apply its own default instead.
-    special.add_special_token.setdefault("bos", False)
-    special.add_special_token.setdefault("eos", False)
+    # leaving the key out would let llama.cpp apply its own default instead. The gguf-py vendored with
+    # llama.cpp sets these defaults when it meets the ByteLevel post-processor step, so when that step
+    # comes first (Llama 3: ByteLevel, then the BOS template) the two keys come first as well.
+    flags = special.add_special_token
+    steps = [(p or {}).get("type") for p in _post_processors(tokenizer)]
+    byte_level_first = "ByteLevel" in steps and all(
+        t not in ("TemplateProcessing", "RobertaProcessing") for t in steps[: steps.index("ByteLevel")]
+    )
+    if byte_level_first:
+        ordered = {"bos": flags.get("bos", False), "eos": flags.get("eos", False)}
+        special.add_special_token = {**ordered, **{k: v for k, v in flags.items() if k not in ordered}}
+    else:
+        flags.setdefault("bos", False)
+        flags.setdefault("eos", False)
     if special.chat_template is None:
         logger.warning("%s: no chat template found (tokenizer_config.json / chat_template.jinja)", model_dir)
     return special
 
 
+def _post_processors(tokenizer: dict[str, Any]) -> list[dict[str, Any]]:
+    post = tokenizer.get("post_processor") or {}
+    steps = post.get("processors", [post]) if isinstance(post, dict) else []
+    return [s for s in steps if isinstance(s, dict)]
+
+
+def uses_sentencepiece(model_dir: Path, spec: ArchSpec) -> bool:
+    """Whether the family reads this folder's vocabulary from tokenizer.model (see ArchSpec.vocab)."""
+    if spec.vocab == "spm-phi3":
+        cfg_path = model_dir / "tokenizer_config.json"
+        return not (cfg_path.is_file() and _load_json(cfg_path).get("tokenizer_class") == "GPT2Tokenizer")
+    return spec.vocab == "spm" or (spec.vocab == "spm-or-bpe" and (model_dir / "tokenizer.model").is_file())
+
+
 def build_vocab(model_dir: Path, spec: ArchSpec, vocab_size: int) -> VocabInfo:
+    """Read the folder's tokenizer into GGUF tokenizer metadata, the way the family's llama.cpp converter does."""
+    if uses_sentencepiece(model_dir, spec):
+        return _build_spm_vocab(model_dir, spec, vocab_size)
+    return _build_bpe_vocab(model_dir, spec, vocab_size)
+
+
+def _add_space_prefix(model_dir: Path, spec: ArchSpec) -> bool | None:
+    """tokenizer_config.json's add_prefix_space, for the families whose converter copies it (llama)."""
+    cfg_path = model_dir / "tokenizer_config.json"
+    if not spec.write_add_space_prefix or not cfg_path.is_file():
+        return None
+    value = _load_json(cfg_path).get("add_prefix_space")
+    return value if isinstance(value, bool) else None
+
+
+def _build_spm_vocab(model_dir: Path, spec: ArchSpec, vocab_size: int) -> VocabInfo:
+    if not (model_dir / "tokenizer.model").is_file():
+        raise Lora2ggufError(
+            f"{model_dir / 'tokenizer.model'}: not found ({spec.name} models carry a SentencePiece vocabulary there)"
+        )
+    table, n_added, n_padding = read_spm_vocab(model_dir, vocab_size, phi3=spec.vocab == "spm-phi3")
+    # As llama.cpp: no merges, and add_bos/add_eos only where the tokenizer files state them.
+    special = gguf.SpecialVocab(model_dir, n_vocab=vocab_size)
+    if special.chat_template is None:
+        logger.warning("%s: no chat template found (tokenizer_config.json / chat_template.jinja)", model_dir)
+    return VocabInfo(
+        tokens=table.tokens,
+        token_types=table.types,
+        pre="default",
+        add_space_prefix=_add_space_prefix(model_dir, spec),
+        special=special,
+        n_added=n_added,
+        n_padding=n_padding,
+        model="llama",
+        scores=table.scores,
+        forced_add_space_prefix=spec.forced_add_space_prefix,
+    )
+
+
+def _build_bpe_vocab(model_dir: Path, spec: ArchSpec, vocab_size: int) -> VocabInfo:
     """Read tokenizer.json (+ tokenizer_config.json) into GGUF tokenizer metadata."""
     tok_path = model_dir / "tokenizer.json"
     tokenizer, tokenizer_config, vocab = _read_tokenizer(model_dir)
@@ -238,26 +302,28 @@ def build_vocab(model_dir: Path, spec: ArchSpec, vocab_size: int) -> VocabInfo:
             "after adding tokens)"
         )
     tokens, token_types, n_padding = _token_table(by_id, added, vocab_size)
-    special = _special_vocab(model_dir, tok_path, vocab_size)
-    add_space_prefix = None
-    if spec.write_add_space_prefix and isinstance(tokenizer_config.get("add_prefix_space"), bool):
-        add_space_prefix = tokenizer_config["add_prefix_space"]
+    special = _special_vocab(model_dir, tok_path, vocab_size, tokenizer)
     return VocabInfo(
         tokens=tokens,
         token_types=token_types,
         pre=pre,
-        add_space_prefix=add_space_prefix,
+        add_space_prefix=_add_space_prefix(model_dir, spec),
         special=special,
         n_added=len(added),
         n_padding=n_padding,
+        forced_add_space_prefix=spec.forced_add_space_prefix,
     )
 
 
 def write_vocab(writer: gguf.GGUFWriter, info: VocabInfo) -> None:
     if info.add_space_prefix is not None:
         writer.add_add_space_prefix(info.add_space_prefix)
-    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_model(info.model)
     writer.add_tokenizer_pre(info.pre)
     writer.add_token_list(info.tokens)
+    if info.scores is not None:
+        writer.add_token_scores(info.scores)
     writer.add_token_types(info.token_types)
     info.special.add_to_gguf(writer, quiet=True)
+    if info.forced_add_space_prefix is not None:
+        writer.add_add_space_prefix(info.forced_add_space_prefix)

@@ -22,6 +22,10 @@ The rules that matter for the models this project makes:
   back: Q2_K / Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, IQ4_XS -> IQ4_NL, and to
   F16 when 32 does not divide it either.
 
+Architecture conditions: falcon's and the 70B / 8-expert ones are transcribed; glm5-next's (tensors
+never quantized, tensors never below Q8_0) are not, so a tensor that would meet one is refused by
+name rather than given a type that differs from llama-quantize's.
+
 None of these file types needs an importance matrix in llama.cpp (``tensor_requires_imatrix``
 holds only for the IQ1/IQ2/IQ3_XXS tensor types and for Q2_K inside a Q2_K_S file).
 """
@@ -111,6 +115,19 @@ _NEVER_QUANTIZED_PARTS = (
     "mm.a.code_embd",
 )
 _NEVER_QUANTIZED_NAMES = frozenset({"position_embd.weight", "token_types.weight"})
+
+# llama.cpp rules tied to one architecture that this recipe does not transcribe (src/llama-quant.cpp),
+# by name part: tensors it never quantizes (tensor_allows_quantization) and tensors it never puts below
+# Q8_0 (llama_tensor_get_type_impl). A file that meets one is refused, naming the tensor and the rule,
+# rather than quantized differently from llama-quantize.
+_UNTRANSCRIBED_KEEP = {
+    "glm5-next": (
+        "hc_", "indexer.attn_q_b", "indexer.attn_k", "indexer.proj", "indexer_compressor_gate",
+        "indexer_compressor_ape", "ssm_f_a.weight", "ssm_f_b.weight", "ssm_g_a.weight", "ssm_g_b.weight",
+        "ssm_beta.weight", "attn_kv_a_mqa.weight", "attn_k_b.weight", "attn_v_b.weight",
+    ),
+}  # fmt: skip
+_UNTRANSCRIBED_Q8_0_FLOOR = {"glm5-next": ("attn_q_a", "attn_q_b", "nextn.eh_proj")}
 
 _LAYER_RE = re.compile(r"^blk\.(-?\d+)\.")
 
@@ -508,6 +525,24 @@ def _iq2_family_type(cat: str, new_type: str, ftype: str, model: ModelInfo, st: 
     return new_type, "default type"
 
 
+def _check_transcribed(spec: TensorSpec, arch: str, chosen: str, pure: bool) -> None:
+    """Refuse a tensor that meets an architecture rule of llama.cpp's this recipe does not transcribe."""
+    what = "a rule lora2gguf quantize does not transcribe; refusing rather than writing a file that differs from llama-quantize's"
+    keep = next((part for part in _UNTRANSCRIBED_KEEP.get(arch, ()) if part in spec.name), None)
+    if keep is not None:
+        raise Lora2ggufError(
+            f"tensor {spec.name}: llama.cpp does not quantize it in a {arch} model "
+            f"(tensor_allows_quantization: name contains {keep!r}), {what}"
+        )
+    floor = next((part for part in _UNTRANSCRIBED_Q8_0_FLOOR.get(arch, ()) if part in spec.name), None)
+    theirs = "Q8_0" if spec.shape[0] % block_size("Q8_0") == 0 else "F16"
+    if floor is not None and not pure and chosen != theirs:
+        raise Lora2ggufError(
+            f"tensor {spec.name}: llama.cpp gives it {theirs} in a {arch} model (llama_tensor_get_type_impl: "
+            f"name contains {floor!r}, never below Q8_0) where this recipe would give {chosen}, {what}"
+        )
+
+
 def requires_imatrix(name: str, dst_type: str) -> bool:
     """llama.cpp's tensor_requires_imatrix (Q2_K_S, its other case, is not a type we offer)."""
     if name in ("token_embd.weight", "per_layer_token_embd.weight", "output.weight"):
@@ -598,6 +633,7 @@ def plan_types(
         if not pure:
             new_type, rule = _mixture_type(spec, cat, default, ftype, model, st, output_type)
         final, fb = _fallback(spec, new_type)
+        _check_transcribed(spec, model.arch, final, pure)
         if fb is not None:
             logger.debug("%s: %s -> falling back to %s", spec.name, fb["reason"], final)
         plan.choices.append(TensorChoice(spec.name, shape, spec.src_type, final, rule, fb))
