@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lora2gguf import qlora
 from lora2gguf.artifacts import Output, check_paths, read_json, sha256_file, write_json
 from lora2gguf.errors import Lora2ggufError
 from lora2gguf.provenance import build_report
@@ -21,6 +22,8 @@ REPORT_KIND = "model_analysis"
 METRIC_FILES = ("eval_results.json", "all_results.json", "train_results.json")
 STATE_FILE = "trainer_state.json"
 ADAPTER_CONFIG = "adapter_config.json"
+# Where a run may record that it trained on a quantized base (QLoRA): read for trained_on.
+TRAINING_RECORDS = qlora.RECORD_FILES
 
 # Recorded for every candidate when present; only the selection metric is required.
 RECORDED_KEYS = (
@@ -47,6 +50,7 @@ class Candidate:
     lora: dict[str, Any] = field(default_factory=dict)
     curves: dict[str, list[list[float]]] = field(default_factory=dict)
     input_sha256: dict[str, str] = field(default_factory=dict)
+    trained_on: dict[str, Any] = field(default_factory=dict)
 
 
 def _as_number(value: Any, path: Path, key: str) -> float:
@@ -129,8 +133,21 @@ def _read_adapter_config(candidate: Candidate) -> None:
     }
 
 
-def read_candidate(name: str, run_dir: Path, base_dir: Path | None, metric: str) -> Candidate:
-    """Collect one run's numbers, remembering which file each came from."""
+def _read_trained_on(candidate: Candidate, override: str | None) -> None:
+    """How the run was trained (float or a bitsandbytes base: QLoRA), and from which record."""
+    where = f"candidates.{candidate.name}.trained_on"
+    trained = qlora.read_trained_on(candidate.run_dir, override, candidate.base_dir, where)
+    candidate.trained_on = trained.as_dict()
+    for name in TRAINING_RECORDS:
+        if (candidate.run_dir / name).is_file():
+            candidate.input_sha256[name] = sha256_file(candidate.run_dir / name)
+
+
+def read_candidate(
+    name: str, run_dir: Path, base_dir: Path | None, metric: str, trained_on: str | None = None
+) -> Candidate:
+    """Collect one run's numbers, remembering which file each came from. ``trained_on`` is the config's
+    candidates.<name>.trained_on (None: what the run folder records)."""
     if not run_dir.is_dir():
         raise Lora2ggufError(f"{run_dir}: candidate '{name}' run folder does not exist")
     candidate = Candidate(name=name, run_dir=run_dir, base_dir=base_dir)
@@ -150,6 +167,7 @@ def read_candidate(name: str, run_dir: Path, base_dir: Path | None, metric: str)
             f"(looked in {', '.join(p.name for p in found)})"
         )
     _read_adapter_config(candidate)
+    _read_trained_on(candidate, trained_on)
     return candidate
 
 
@@ -172,6 +190,7 @@ def _entry(position: int, cand: Candidate, metric: str, best_value: float) -> di
         "metrics": cand.values,
         "sources": cand.sources,
         "lora": cand.lora,
+        "trained_on": cand.trained_on,
         "margin_to_best": {
             "absolute": delta,
             "relative_percent": relative,
@@ -228,6 +247,8 @@ class RankOptions:
     metric: str
     mode: str
     out: Path
+    # name -> the config's candidates.<name>.trained_on (float, nf4, fp4, int8); absent: read the run folder
+    trained_on: dict[str, str] = field(default_factory=dict)
 
 
 def _check_paths(options: RankOptions) -> None:
@@ -241,9 +262,12 @@ def _check_paths(options: RankOptions) -> None:
 def rank_candidates(options: RankOptions) -> dict[str, Any]:
     """Read every candidate, rank them, write model_analysis.json and log the table."""
     _check_paths(options)
+    unknown = sorted(set(options.trained_on) - {name for name, _, _ in options.candidates})
+    if unknown:
+        raise Lora2ggufError(f"--trained-on names {', '.join(unknown)}, which is no --candidate")
     candidates = []
     for name, run_dir, base_dir in options.candidates:
-        cand = read_candidate(name, run_dir, base_dir, options.metric)
+        cand = read_candidate(name, run_dir, base_dir, options.metric, options.trained_on.get(name))
         _warn_on_base_mismatch(cand)
         candidates.append(cand)
     names = [c.name for c in candidates]
@@ -254,12 +278,13 @@ def rank_candidates(options: RankOptions) -> dict[str, Any]:
     for name in analysis["ranking"]:
         entry = analysis["candidates"][name]
         logger.info(
-            "%d. %-30s %s=%.6f  %s",
+            "%d. %-30s %s=%.6f  %s  (trained on %s)",
             entry["rank"],
             name,
             options.metric,
             entry["metrics"][options.metric],
             entry["margin_to_best"]["text"],
+            entry["trained_on"]["kind"],
         )
     logger.info("best candidate: %s -> %s", analysis["best"], options.out)
     return analysis

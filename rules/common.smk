@@ -47,7 +47,7 @@ from lora2gguf.layout import (
     TEST_REPORT,
 )
 from lora2gguf.quantize.types import NEEDS_IMATRIX, quant_file_tag, split_quant_tag
-from lora2gguf.rank import ADAPTER_CONFIG, METRIC_FILES, STATE_FILE
+from lora2gguf.rank import ADAPTER_CONFIG, METRIC_FILES, STATE_FILE, TRAINING_RECORDS
 
 
 def quant_tags():
@@ -310,7 +310,7 @@ def folder_inputs(path, names=None):
 
 
 def rank_inputs(wildcards):
-    names = {*METRIC_FILES, STATE_FILE, ADAPTER_CONFIG}
+    names = {*METRIC_FILES, STATE_FILE, ADAPTER_CONFIG, *TRAINING_RECORDS}
     return [
         f
         for cand in config["candidates"].values()
@@ -321,8 +321,15 @@ def rank_inputs(wildcards):
 def rank_candidate_args():
     return " ".join(
         f"--candidate {name} {cand['run']} {cand['base']}"
+        + (f" --trained-on {name} {cand['trained_on']}" if "trained_on" in cand else "")
         for name, cand in sorted(config["candidates"].items())
     )
+
+
+def trained_on_arg(wildcards):
+    """--trained-on for the merge when the candidate names it (else the run folder's record is read)."""
+    kind = candidate(wildcards).get("trained_on")
+    return f"--trained-on {kind}" if kind else ""
 
 
 def candidate(wildcards):

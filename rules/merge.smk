@@ -1,6 +1,8 @@
 # Merge of the chosen LoRA adapter into its base (lora2gguf merge: peft merge_and_unload(safe_merge=True)),
-# verified against the unmerged model on a fixed batch of the evaluation text. The report carries the
-# logit differences, tolerance, time, peak memory, versions and input sha256s; a failed check writes nothing.
+# verified against the unmerged model on a fixed batch of the evaluation text. A QLoRA run (candidates.<name>
+# .trained_on, or its run folder's record) is merged per merge.qlora_target, measured against the trained
+# model. The report carries the logit differences, tolerance, time, peak memory, versions and input sha256s;
+# a failed check writes nothing.
 rule merge_adapter:
     input:
         base=base_inputs,
@@ -30,8 +32,10 @@ rule merge_adapter:
             )
             if on
         ),
+        qlora_target=config["merge"].get("qlora_target", "auto"),
+        trained_on=trained_on_arg,
     shell:
         "OMP_NUM_THREADS={threads} lora2gguf merge --base {params.base:q} --adapter {params.run:q}"
         " --out {output.model:q} --dtype {params.dtype} --device {params.device}"
         " --shard-size {params.shard_size:q} --report {output.report:q} --eval-text {input.eval_text:q}"
-        " {params.flags} > {log} 2>&1"
+        " --qlora-target {params.qlora_target} {params.trained_on} {params.flags} > {log} 2>&1"

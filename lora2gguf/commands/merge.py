@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lora2gguf.merge.merge import DEVICES, DTYPES, MergeOptions, merge_adapter
+from lora2gguf.merge.merge import DEVICES, DTYPES, QLORA_TARGETS, TRAINED_ON, MergeOptions, merge_adapter
 
 HELP = "merge a LoRA adapter into its base model (peft), verify the logits, write an HF folder"
 
@@ -33,6 +33,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--trust-remote-code", action="store_true", help="allow model code shipped inside the base folder"
     )
+    parser.add_argument(
+        "--trained-on",
+        choices=TRAINED_ON,
+        help="the base the adapter was trained against (default: read from the run folder: LLaMA-Factory's "
+        "training_args.yaml, else the adapter's README.md; float when neither records a quantization)",
+    )
+    parser.add_argument(
+        "--qlora-target",
+        choices=QLORA_TARGETS,
+        default="auto",
+        help="for a QLoRA (4-bit) run: merge into the dequantized base the adapter was trained on, the float "
+        "base, or auto: build both and keep the one closer to the trained model (default: auto)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -47,6 +60,8 @@ def run(args: argparse.Namespace) -> int:
         eval_text=args.eval_text,
         allow_pickle=args.allow_pickle,
         trust_remote_code=args.trust_remote_code,
+        trained_on=args.trained_on,
+        qlora_target=args.qlora_target,
     )
     merge_adapter(options)
     return 0

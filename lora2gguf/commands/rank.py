@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from lora2gguf.qlora import TRAINED_ON
 from lora2gguf.rank import RankOptions, rank_candidates
 
 HELP = "rank candidate LoRA runs by an evaluation metric and write model_analysis.json"
@@ -22,6 +23,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metric", default="eval_loss", help="metric to rank by (default: eval_loss)")
     parser.add_argument("--mode", choices=("min", "max"), default="min", help="min: lower is better (default)")
     parser.add_argument("--out", required=True, type=Path, help="where to write model_analysis.json")
+    parser.add_argument(
+        "--trained-on",
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("NAME", "KIND"),
+        help=f"the base candidate NAME was trained against ({', '.join(TRAINED_ON)}); overrides what its run "
+        "folder records (repeat per candidate)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -30,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
         metric=args.metric,
         mode=args.mode,
         out=args.out,
+        trained_on=dict(args.trained_on),
     )
     rank_candidates(options)
     return 0

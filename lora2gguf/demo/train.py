@@ -19,6 +19,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import yaml
+
+from lora2gguf import qlora
 from lora2gguf.artifacts import atomic_dir, sha256_file
 from lora2gguf.demo.dataset import DATA_FILES, data_dir, load_dataset_split, read_jsonl, to_messages
 from lora2gguf.errors import Lora2ggufError
@@ -131,15 +134,25 @@ class TrainOptions:
     logging_steps: int = 1
     seed: int = 0
     base_name: str | None = None
+    # QLoRA: train on the base as bitsandbytes quantizes it (nf4 / fp4; None: the float base). The
+    # frozen linear weights are replaced by their 4-bit round trip (lora2gguf.qlora), which is what
+    # QLoRA's forward pass multiplies by; activations stay float32 here (CPU).
+    quantization: str | None = None
+    double_quantization: bool = True
+    compute_dtype: str = "bfloat16"
 
     def hyperparameters(self) -> dict[str, Any]:
         """The values the run record lists, in its key order."""
-        return {
+        values = {
             "r": self.r, "alpha": self.alpha, "dropout": self.dropout, "target_modules": list(self.target_modules),
             "steps": self.steps, "lr": self.lr, "batch_size": self.batch_size, "grad_accum": self.grad_accum,
             "max_length": self.max_length, "warmup_steps": self.warmup_steps, "scheduler": self.scheduler,
             "seed": self.seed,
-        }
+        }  # fmt: skip
+        if self.quantization is not None:  # only QLoRA runs list it: float runs' records stay as they were
+            values.update(quantization=self.quantization, double_quantization=self.double_quantization,
+                          compute_dtype=self.compute_dtype)  # fmt: skip
+        return values
 
 
 def _check_inputs(base_dir: Path, o: TrainOptions) -> None:
@@ -171,6 +184,8 @@ def _lora_model(base_dir: Path, o: TrainOptions) -> Any:
     model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32, local_files_only=True)
     if o.base_name is not None:
         model.config._name_or_path = o.base_name
+    if o.quantization is not None:
+        _quantize_base(model, o)
     lora = LoraConfig(
         r=o.r,
         lora_alpha=o.alpha,
@@ -185,6 +200,41 @@ def _lora_model(base_dir: Path, o: TrainOptions) -> Any:
     trainable, total = model.get_nb_trainable_parameters()
     logger.info("LoRA r=%d alpha=%d on %s: %d trainable of %d parameters", o.r, o.alpha, ",".join(o.target_modules), trainable, total)
     return model
+
+
+def _trained_on(o: TrainOptions) -> qlora.TrainedOn:
+    return qlora.TrainedOn(o.quantization or "float", "lora2gguf.demo.train", o.double_quantization, o.compute_dtype,
+                           qlora.BLOCKSIZE)  # fmt: skip
+
+
+def _quantize_base(model: Any, o: TrainOptions) -> None:
+    """The frozen base as a QLoRA run sees it: each layer bitsandbytes quantizes, round-tripped."""
+    import torch
+
+    # LLaMA-Factory's QLoRA computes in bf16 or fp16 (its training_args.yaml has no flag for float32).
+    if o.quantization not in qlora.QUANT_KINDS or o.compute_dtype not in ("bfloat16", "float16"):
+        raise Lora2ggufError(f"train_lora: quantization {o.quantization!r} / compute dtype {o.compute_dtype!r} unknown")
+    layers = qlora.quantized_layers(model)
+    with torch.no_grad():
+        for module in layers.values():
+            module.weight.copy_(qlora.layer_as_trained(module, _trained_on(o)).to(module.weight.dtype))
+    logger.info("QLoRA base: %d layers as bitsandbytes %s (double quantization %s, compute %s)", len(layers),
+                o.quantization, o.double_quantization, o.compute_dtype)  # fmt: skip
+
+
+def _qlora_records(out_dir: Path, folder: Path, base_dir: Path, o: TrainOptions) -> None:
+    """The record a LLaMA-Factory QLoRA run leaves: its web UI's training_args.yaml (LLaMA-Factory's
+    own argument names; peft's model card no longer lists the bitsandbytes config)."""
+    args = {
+        "stage": "sft", "do_train": True, "model_name_or_path": o.base_name or str(base_dir),
+        "finetuning_type": "lora", "quantization_bit": 4, "quantization_method": "bnb",
+        "quantization_type": o.quantization, "double_quantization": o.double_quantization,
+        "lora_rank": o.r, "lora_alpha": o.alpha, "lora_dropout": o.dropout, "lora_target": ",".join(o.target_modules),
+        "learning_rate": o.lr, "max_steps": o.steps, "per_device_train_batch_size": o.batch_size,
+        "gradient_accumulation_steps": o.grad_accum, "lr_scheduler_type": o.scheduler, "output_dir": str(out_dir),
+        {"bfloat16": "bf16", "float16": "fp16"}[o.compute_dtype]: True,
+    }  # fmt: skip
+    (folder / qlora.TRAINING_ARGS).write_text(yaml.safe_dump(args, sort_keys=True), encoding="utf-8")
 
 
 def _trainer(model: Any, tokenizer: Any, train_set: list, eval_set: list, folder: Path, o: TrainOptions) -> Any:
@@ -263,6 +313,8 @@ def train_lora(base_dir: Path, out_dir: Path, options: TrainOptions | None = Non
     model = _lora_model(base_dir, o)
     with atomic_dir(out_dir) as tmp:
         trainer = _trainer(model, tokenizer, train_set, eval_set, tmp, o)
+        if o.quantization is not None:
+            _qlora_records(out_dir, tmp, base_dir, o)
         train_metrics, eval_metrics = _train_and_save(trainer, tmp, out_dir)
         _write_demo_record(tmp, base_dir, o.dataset, train_set, eval_set, o.hyperparameters())
     logger.info("run written to %s: eval_loss %.4f, train_loss %.4f", out_dir, eval_metrics["eval_loss"], train_metrics["train_loss"])

@@ -10,6 +10,7 @@ adapter extended) -> PeftModel -> reference logits on a fixed batch -> merge_and
 from __future__ import annotations
 
 import gc
+import importlib.util
 import logging
 import os
 import re
@@ -19,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from lora2gguf import hf
+from lora2gguf import hf, qlora
 from lora2gguf.artifacts import (
     HF_MODEL_FILES,
     FolderShape,
@@ -35,6 +36,7 @@ from lora2gguf.artifacts import (
 from lora2gguf.errors import Lora2ggufError
 from lora2gguf.formats.safetensors import read_header, read_metadata
 from lora2gguf.merge import inputs as mi
+from lora2gguf.merge import targets as mt
 from lora2gguf.merge import verify as mv
 from lora2gguf.merge.inputs import TOKENIZER_FILES
 from lora2gguf.provenance import PeakMemory, Timer, build_report, device_info
@@ -43,6 +45,8 @@ logger = logging.getLogger(__name__)
 
 DTYPES = hf.DTYPES
 DEVICES = ("auto", "cpu", "cuda")
+QLORA_TARGETS = mt.TARGETS
+TRAINED_ON = qlora.TRAINED_ON
 
 # What a previous merge output holds (all a merge writes): only such a folder is replaced by a rerun.
 # No marker file is added: the folder's bytes are compared across versions.
@@ -72,6 +76,10 @@ class MergeOptions:
     # Size of the verification batch; None keeps merge.verify's defaults (tests use smaller ones).
     verify_sequences: int | None = None
     verify_seq_len: int | None = None
+    # How the run was trained (the config's candidates.<name>.trained_on); None reads the run folder.
+    trained_on: str | None = None
+    # A QLoRA run's merge target: auto (the one closer to the trained model), float or dequantized.
+    qlora_target: str = "auto"
 
     def __post_init__(self) -> None:
         self.base, self.adapter, self.out = Path(self.base), Path(self.adapter), Path(self.out)
@@ -98,6 +106,7 @@ class _Inputs:
     tok_src: Path
     dtype_name: str
     shard_bytes: int
+    trained: qlora.TrainedOn
 
 
 @dataclass
@@ -124,6 +133,20 @@ class _Verified:
     tokenizer_len: int
     chat_template: bool
     sha256: dict[str, str]
+    # Against the trained reference, when the run was QLoRA and the written target is the float one.
+    vs_trained: dict[str, Any] | None = None
+
+
+@dataclass
+class _QLoRA:
+    """A QLoRA run's merge: the trained reference (dequantized base + adapter), the error of the
+    quantization against the adapter's update, each target built and its distance, the choice."""
+
+    trained_ref: _Reference
+    errors: dict[str, Any]
+    measured: dict[str, dict[str, Any]] = field(default_factory=dict)
+    target: str = ""
+    reason: str = ""
 
 
 def merge_adapter(options: MergeOptions) -> dict[str, Any]:
@@ -133,11 +156,18 @@ def merge_adapter(options: MergeOptions) -> dict[str, Any]:
     dev, load_kwargs = _torch_setup(options, inputs)
     with paired_report(options.report) as write_report, atomic_dir(options.out) as tmp:
         with Timer() as total, PeakMemory(cuda=dev.startswith("cuda")) as mem:
-            ref, tying, written, verified = _merge_into(tmp, options, inputs, dev, load_kwargs, trace)
+            if inputs.trained.kind in qlora.QUANT_KINDS or (inputs.trained.kind == "int8" and _has_bitsandbytes()):
+                ref, tying, written, verified, qlora_run = _merge_qlora_into(tmp, options, inputs, dev, load_kwargs, trace)
+            else:
+                if inputs.trained.kind == "int8":
+                    trace.warnings.append("trained on an 8-bit base but bitsandbytes is not installed: merged into "
+                                          "the float base without measuring it against the trained model")  # fmt: skip
+                ref, tying, written, verified = _merge_into(tmp, options, inputs, dev, load_kwargs, trace)
+                qlora_run = None
         _log_merged(options, inputs, dev, verified, total.seconds)
         report = _report(
             options, inputs, dev=dev, ref=ref, tying=tying, written=written, verified=verified, trace=trace,
-            total_s=total.seconds, memory=mem.as_dict(),
+            total_s=total.seconds, memory=mem.as_dict(), qlora_run=qlora_run,
         )  # fmt: skip
         write_report(report)
     return report
@@ -173,12 +203,114 @@ def _merge_into(
     return ref, tying, written, verified
 
 
+def _merge_qlora_into(
+    tmp: Path, options: MergeOptions, inputs: _Inputs, dev: str, load_kwargs: dict[str, Any], trace: _Trace
+) -> tuple[_Reference, dict[str, Any], _Written, _Verified, _QLoRA]:
+    """A QLoRA run: the float and the trained reference, the target(s), then write and verify the chosen
+    one against its own unmerged model (and, for the float target, against the trained reference too)."""
+    with Timer() as t:
+        tokenizer, base_model = _load_base(options, inputs, load_kwargs, dev, trace)
+        layers = qlora.quantized_layers(base_model)
+        peft_model = _load_adapter(base_model, options, inputs, trace)
+        del base_model
+    trace.timings["load_s"] = t.seconds
+    ref = _reference_logits(peft_model, tokenizer, options, inputs, dev, trace)
+    with Timer() as t:
+        if inputs.trained.kind == "int8":
+            int8_logits, weights = _int8_reference(ref, options, inputs, load_kwargs, dev)
+            trained_weight = mt.int8_lookup(weights)
+        else:
+            trained_weight = mt.four_bit_weights(inputs.trained)
+        errors = mt.load_trained_base(layers, trained_weight, peft_model).as_dict()
+        del layers, trained_weight
+        # The dequantized base + adapter: the 4-bit run's trained model itself; for an 8-bit run the
+        # trained model also quantizes activations (bitsandbytes' own forward pass is the reference).
+        deq_ref = _Reference(ref.batch, ref.info, mv.logits_on(peft_model, ref.batch, dev))
+        trained_ref = deq_ref if inputs.trained.kind != "int8" else _Reference(ref.batch, ref.info, int8_logits)
+    trace.timings["trained_reference_s"] = t.seconds
+    run = _QLoRA(trained_ref, errors)
+    logger.info("QLoRA (%s): quantization error %.3g x the LoRA update (Frobenius, all quantized layers)",
+                inputs.trained.kind, errors["error_to_delta"] or float("nan"))  # fmt: skip
+    built: dict[str, tuple[Any, dict[str, Any]]] = {}
+    if options.qlora_target != "float":
+        built["dequantized"] = _merge(peft_model, inputs, trace)
+    del peft_model
+    if options.qlora_target != "dequantized":
+        built["float"] = _float_target(options, inputs, load_kwargs, dev, trace)
+    _choose_target(built, run, options, dev, trace)
+    merged, tying = built.pop(run.target)
+    written = _write_folder(merged, tokenizer, tmp, options, inputs, trace)
+    del merged
+    _release_memory()
+    own_ref = deq_ref if run.target == "dequantized" else ref
+    also = None if own_ref is trained_ref else trained_ref.logits
+    verified = _verify_written(tmp, own_ref, load_kwargs, dev, options, inputs, tying, trace, also=also)
+    return own_ref, tying, written, verified, run
+
+
+def _int8_reference(
+    ref: _Reference, options: MergeOptions, inputs: _Inputs, load_kwargs: dict[str, Any], dev: str
+) -> tuple[Any, dict[str, Any]]:
+    """An LLM.int8 run's trained model: the base loaded by transformers with bitsandbytes' 8-bit layers
+    (in the run's compute dtype) + the adapter; its logits on the batch and its dequantized weights."""
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    dtype = getattr(torch, inputs.trained.compute_dtype or inputs.dtype_name)
+    kwargs = {**load_kwargs, **hf.dtype_kwarg(dtype), "device_map": dev,
+              "quantization_config": BitsAndBytesConfig(load_in_8bit=True)}  # fmt: skip
+    try:
+        model8 = AutoModelForCausalLM.from_pretrained(options.base, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - transformers / bitsandbytes raise many types
+        raise Lora2ggufError(f"{options.base}: cannot load the base in 8 bits with bitsandbytes: {exc}") from None
+    resized = inputs.fit["resized_vocab_rows"]
+    if resized is not None and resized != model8.get_input_embeddings().weight.shape[0]:
+        model8.resize_token_embeddings(resized, mean_resizing=False)
+    weights = mt.int8_weights(model8)
+    peft8 = _load_adapter(model8, options, inputs, _Trace())
+    logits = mv.logits_on(peft8, ref.batch, dev)
+    if not bool(torch.isfinite(logits).all()):
+        raise Lora2ggufError(f"{inputs.adapter_w.files[0]}: the 8-bit base + adapter produce NaN/Inf logits")
+    return logits, weights
+
+
+def _choose_target(
+    built: dict[str, tuple[Any, dict[str, Any]]], run: _QLoRA, options: MergeOptions, dev: str, trace: _Trace
+) -> None:
+    """Measure each merged target against the trained reference and pick one: the requested target, or
+    under auto the closer one. Sets run.measured, run.target and run.reason; the other target is dropped."""
+    with Timer() as t:
+        for name, (model, _) in built.items():
+            logits = mv.logits_on(model, run.trained_ref.batch, dev)
+            run.measured[name] = mv.compare_logits(run.trained_ref.logits, logits)
+    trace.timings["targets_measured_s"] = t.seconds
+    if options.qlora_target == "auto":
+        run.target, run.reason = mt.choose(run.measured)
+    else:
+        run.target, run.reason = options.qlora_target, f"merge.qlora_target: {options.qlora_target}"
+    for name in [n for n in built if n != run.target]:
+        del built[name]
+    logger.info("QLoRA merge target: %s (%s)", run.target, run.reason)
+
+
+def _float_target(
+    options: MergeOptions, inputs: _Inputs, load_kwargs: dict[str, Any], dev: str, trace: _Trace
+) -> tuple[Any, dict[str, Any]]:
+    """A fresh float base with the adapter, merged (the reference model's base holds the trained weights)."""
+    _, base_model = _load_base(options, inputs, load_kwargs, dev, trace)
+    return _merge(_load_adapter(base_model, options, inputs, trace), inputs, trace)
+
+
 def _check_options(options: MergeOptions) -> int:
     """Settings argparse cannot check (the workflow passes them from its config); returns the shard size."""
     if options.dtype not in DTYPES:
         raise Lora2ggufError(f"dtype {options.dtype!r} (merge.dtype) is not one of {', '.join(DTYPES)}")
     if options.device not in DEVICES:
         raise Lora2ggufError(f"device {options.device!r} (merge.device) is not one of {', '.join(DEVICES)}")
+    if options.qlora_target not in QLORA_TARGETS:
+        raise Lora2ggufError(
+            f"QLoRA target {options.qlora_target!r} (merge.qlora_target) is not one of {', '.join(QLORA_TARGETS)}"
+        )
     shard_bytes = parse_size(options.shard_size)
     if options.out.resolve() in (options.base.resolve(), options.adapter.resolve()):
         raise Lora2ggufError(f"{options.out}: the output folder must differ from the base and adapter folders")
@@ -207,9 +339,28 @@ def _check_inputs(options: MergeOptions, trace: _Trace) -> _Inputs:
     fit = mi.check_adapter_fits_base(adapter_w, base_w, adapter_cfg, base_config)
     tok_src = _tokenizer_source(adapter, base)
     dtype_name = hf.checkpoint_dtype(base_config) if options.dtype == "auto" else options.dtype
-    logger.info("inputs: base %s, adapter %s (%d LoRA tensors), tokenizer from %s", base, adapter,
-                fit["lora_tensors"], tok_src)  # fmt: skip
-    return _Inputs(adapter_cfg, base_w, adapter_w, name_check, fit, tok_src, dtype_name, shard_bytes)
+    trained = _trained_on(options)
+    logger.info("inputs: base %s, adapter %s (%d LoRA tensors), tokenizer from %s; trained on %s (%s)", base,
+                adapter, fit["lora_tensors"], tok_src, trained.kind, trained.source)  # fmt: skip
+    return _Inputs(adapter_cfg, base_w, adapter_w, name_check, fit, tok_src, dtype_name, shard_bytes, trained)
+
+
+def _has_bitsandbytes() -> bool:
+    return importlib.util.find_spec("bitsandbytes") is not None
+
+
+def _trained_on(options: MergeOptions) -> qlora.TrainedOn:
+    """How the run was trained; an LLM.int8 run needs bitsandbytes for its trained reference."""
+    trained = qlora.read_trained_on(options.adapter, options.trained_on, options.base,
+                                    "--trained-on (candidates.<name>.trained_on)")  # fmt: skip
+    if trained.kind == "int8" and options.qlora_target != "float" and not _has_bitsandbytes():
+        raise Lora2ggufError(
+            f"{options.adapter}: the run was trained on an 8-bit (LLM.int8) base ({trained.source}); its trained "
+            "model is bitsandbytes' own 8-bit forward pass (it quantizes activations too), so bitsandbytes is needed "
+            "to measure the merge targets against it: pip install 'lora2gguf[qlora]', or set merge.qlora_target: "
+            "float (--qlora-target float) to merge into the float base without that measurement"
+        )
+    return trained
 
 
 def _torch_setup(options: MergeOptions, inputs: _Inputs) -> tuple[str, dict[str, Any]]:
@@ -381,8 +532,10 @@ def _verify_written(
     inputs: _Inputs,
     tying: dict[str, Any],
     trace: _Trace,
+    also: Any = None,
 ) -> _Verified:
-    """Reload the written folder and hold its logits, vocabulary and tying against the reference.
+    """Reload the written folder and hold its logits, vocabulary and tying against the reference
+    (and measure them against ``also``, a second reference's logits, when given).
 
     The artifact itself is verified, not the in-memory model: a save that drops or unties a tensor
     would otherwise pass unnoticed.
@@ -396,7 +549,9 @@ def _verify_written(
         except Exception as exc:  # noqa: BLE001
             raise Lora2ggufError(f"{options.out}: the written model does not load back: {exc}") from None
         reloaded.to(dev).eval()
-        metrics = mv.compare_logits(ref.logits, mv.logits_on(reloaded, ref.batch, dev))
+        logits = mv.logits_on(reloaded, ref.batch, dev)
+        metrics = mv.compare_logits(ref.logits, logits)
+        vs_also = None if also is None else mv.compare_logits(also, logits)
     trace.timings["verify_s"] = t.seconds
     problems = mv.check_tolerance(metrics, inputs.dtype_name)
     if problems:
@@ -414,7 +569,7 @@ def _verify_written(
     if tying["output_tied"] and any(k.startswith("lm_head") for k in _saved_tensor_names(tmp)):
         raise Lora2ggufError(f"{options.out}: tied embeddings but an lm_head tensor was written")
     chat_template = getattr(out_tokenizer, "chat_template", None) is not None
-    return _Verified(metrics, out_rows, len(out_tokenizer), chat_template, sha256_tree(tmp))
+    return _Verified(metrics, out_rows, len(out_tokenizer), chat_template, sha256_tree(tmp), vs_also)
 
 
 def _report(
@@ -429,6 +584,7 @@ def _report(
     trace: _Trace,
     total_s: float,
     memory: dict[str, Any],
+    qlora_run: _QLoRA | None = None,
 ) -> dict[str, Any]:
     body = {
         "model": options.out.name.removesuffix("-merged"),
@@ -454,8 +610,15 @@ def _report(
         "adapter_warnings": mi.alpha_warnings(inputs.adapter_cfg),
         "base_check": {**inputs.name_check, "shapes_match": True, "weights_format": inputs.base_w.kind},
         "settings": _settings(options, inputs, dev),
+        "trained_on": inputs.trained.as_dict(),
+        "qlora": _qlora_facts(options, inputs, qlora_run, verified),
         "verification": {
-            "compared": "peft base+adapter (unmerged) vs the merged model reloaded from the written files",
+            "compared": (
+                "peft base+adapter (unmerged) vs the merged model reloaded from the written files"
+                if qlora_run is None or qlora_run.target == "float"
+                else "peft base as trained (quantized layers dequantized)+adapter (unmerged) vs the merged model "
+                "reloaded from the written files"
+            ),
             "batch": ref.info,
             **verified.metrics,
             "tolerance": mv.TOLERANCES[inputs.dtype_name].as_dict(verified.metrics["max_abs_reference_logit"]),
@@ -465,10 +628,38 @@ def _report(
         "memory": memory,
         "input_sha256": _input_hashes(options, inputs),
         "device_info": device_info(dev),
-        "warnings": trace.warnings,
-        "notes": trace.notes,
+        # A QLoRA auto merge loads the base twice: the same note or warning is kept once.
+        "warnings": list(dict.fromkeys(trace.warnings)),
+        "notes": list(dict.fromkeys(trace.notes)),
     }
     return build_report("merge_report", body)
+
+
+_TRAINED_REFERENCE = {
+    "nf4": "the base with every layer bitsandbytes quantizes replaced by its 4-bit round trip (lora2gguf.qlora, "
+    "bitsandbytes' CUDA arithmetic) + the adapter, unmerged, in the merge dtype",
+    "int8": "the base loaded by transformers with bitsandbytes' LLM.int8 layers (Linear8bitLt, threshold 6.0) in the "
+    "run's compute dtype + the adapter, unmerged: bitsandbytes' own forward pass on this device",
+}
+_TRAINED_REFERENCE["fp4"] = _TRAINED_REFERENCE["nf4"]
+
+
+def _qlora_facts(
+    options: MergeOptions, inputs: _Inputs, run: _QLoRA | None, verified: _Verified
+) -> dict[str, Any] | None:
+    """The QLoRA part of the report: the target and why, the quantization error against the adapter's
+    update, and each target's distance from the trained reference (mean KL etc.)."""
+    if run is None:
+        return None
+    return {
+        "target_requested": options.qlora_target,
+        "target": run.target,
+        "reason": run.reason,
+        "trained_reference": _TRAINED_REFERENCE[inputs.trained.kind],
+        "quantization_vs_lora_update": run.errors,
+        "targets_vs_trained_reference": run.measured,
+        "written_vs_trained_reference": verified.vs_trained if verified.vs_trained is not None else verified.metrics,
+    }
 
 
 def _adapter_facts(inputs: _Inputs) -> dict[str, Any]:
@@ -498,6 +689,8 @@ def _settings(options: MergeOptions, inputs: _Inputs, dev: str) -> dict[str, Any
         "shard_size_bytes": inputs.shard_bytes,
         "allow_pickle": options.allow_pickle,
         "trust_remote_code": options.trust_remote_code,
+        "trained_on_requested": options.trained_on,
+        "qlora_target": options.qlora_target,
         "merge": "peft PeftModel.from_pretrained(...).merge_and_unload(safe_merge=True)",
     }
 
