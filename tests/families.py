@@ -10,12 +10,15 @@ the feed-forward width 320 (a multiple of 32, not of 256) makes llama.cpp fall b
 types on ffn_down, norms are randomised (Gemma's are stored +1), and each family's particular
 hyperparameters (explicit head_dim, llama3 RoPE scaling, softcapping, a sliding window shorter
 than the 64-token comparison) are set so that getting them wrong changes the logits.
+``ending_turns_at_once`` turns a model into one that answers its end-of-turn token at once, for the
+tests of stop tokens (random models never end a turn by themselves).
 """
 
 from __future__ import annotations
 
 import io
 import json
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,6 +70,7 @@ class Family:
     build: Callable[[Path, int], Path]
     # tokens generation must stop on (generation_config eos ids), by text: llama.cpp must treat each as end-of-generation
     stop_tokens: tuple[str, ...]
+    end_of_turn: str  # the one of stop_tokens the chat template closes an assistant turn with
 
 
 def corpus() -> list[str]:
@@ -356,12 +360,51 @@ def build_phi3(out: Path, seed: int = 0) -> Path:
 LLAMA_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 FAMILIES: dict[str, Family] = {f.key: f for f in (
-    Family("qwen3", "Qwen3ForCausalLM", "qwen3", "qwen2", LLAMA_LINEAR, build_qwen3, ("<|im_end|>", "<|endoftext|>")),
+    Family("qwen3", "Qwen3ForCausalLM", "qwen3", "qwen2", LLAMA_LINEAR, build_qwen3, ("<|im_end|>", "<|endoftext|>"),
+           "<|im_end|>"),
     Family("llama3", "LlamaForCausalLM", "llama", "llama-bpe", LLAMA_LINEAR, build_llama3,
-           ("<|end_of_text|>", "<|eot_id|>")),
-    Family("gemma2", "Gemma2ForCausalLM", "gemma2", "default", LLAMA_LINEAR, build_gemma2, ("<eos>", "<end_of_turn>")),
-    Family("gemma3", "Gemma3ForCausalLM", "gemma3", "default", LLAMA_LINEAR, build_gemma3, ("<eos>", "<end_of_turn>")),
-    Family("mistral", "MistralForCausalLM", "llama", "default", LLAMA_LINEAR, build_mistral, ("</s>",)),
+           ("<|end_of_text|>", "<|eot_id|>"), "<|eot_id|>"),
+    Family("gemma2", "Gemma2ForCausalLM", "gemma2", "default", LLAMA_LINEAR, build_gemma2, ("<eos>", "<end_of_turn>"),
+           "<end_of_turn>"),
+    Family("gemma3", "Gemma3ForCausalLM", "gemma3", "default", LLAMA_LINEAR, build_gemma3, ("<eos>", "<end_of_turn>"),
+           "<end_of_turn>"),
+    Family("mistral", "MistralForCausalLM", "llama", "default", LLAMA_LINEAR, build_mistral, ("</s>",), "</s>"),
     Family("phi3", "Phi3ForCausalLM", "phi3", "default", ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),
-           build_phi3, ("<|endoftext|>", "<|end|>")),
+           build_phi3, ("<|endoftext|>", "<|end|>"), "<|end|>"),
 )}  # fmt: skip
+
+
+def ending_turns_at_once(src: Path, out: Path, token_id: int, prompts: list[list[int]], lead: float = 8.0) -> Path:
+    """A copy of the model at ``src`` whose greedy answer to each of ``prompts`` (token ids) is
+    ``token_id`` at once: the random models never end a turn by themselves, and a test of stop
+    tokens needs one that does. That token's row of the output head is moved along the final hidden
+    state at the prompts' ends until its logit leads every other by ``lead`` (before any softcapping);
+    a tied head moves the input embedding too, so the lead is measured again after each move."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, local_files_only=True).eval()
+    head = model.get_output_embeddings()
+    seen: list[Any] = []
+    hook = head.register_forward_hook(lambda module, args, output: seen.append(args[0][0, -1].detach().clone()))
+    for _ in range(5):
+        seen.clear()
+        with torch.no_grad():
+            for ids in prompts:
+                model(torch.tensor([ids]))
+        hidden = torch.stack(seen)
+        raw = hidden @ head.weight.T
+        leads = raw[:, token_id] - raw.index_fill(1, torch.tensor([token_id]), float("-inf")).max(1).values
+        if leads.min() >= lead:
+            break
+        direction = hidden.mean(0) / hidden.mean(0).norm()
+        along = hidden @ direction
+        assert along.min() > 0, f"{src}: the prompts' final hidden states share no direction"
+        with torch.no_grad():
+            head.weight[token_id] += direction * ((lead + 1 - leads) / along).max()
+    else:
+        raise AssertionError(f"{src}: token {token_id} still leads by only {leads.min():.2f} after 5 moves")
+    hook.remove()
+    shutil.copytree(src, out)
+    model.save_pretrained(out, safe_serialization=True)
+    return out

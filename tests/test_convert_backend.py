@@ -6,7 +6,8 @@ GPT-NeoX-style byte-level BPE tokenizer trained here, and a short real LoRA run 
 ``lora2gguf merge``. Through ``auto`` it must come out as a GGUF that llama.cpp loads (HF fp32 vs GGUF
 F32: mean KL < 1e-5, top-1 1.0; tokenization identical to Hugging Face), that ``lora2gguf quantize``
 turns into files byte-identical to ``llama_model_quantize``'s, and the workflow (rank -> compare) must
-run on it. On the tiny Qwen2, ``--backend llama.cpp`` is a cross-check of the native converter.
+run on it, in one Snakemake run with a Qwen3 candidate (a family converted natively, tests/families.py).
+On the tiny Qwen2, ``--backend llama.cpp`` is a cross-check of the native converter.
 
 Needs the llama-cpp-python sources (``make llama-tools`` downloads them): skipped without them.
 """
@@ -25,6 +26,7 @@ import pytest
 import yaml
 
 from conftest import ROOT, _root_logger_kept, refused, run_snakemake, tiny_config, write_config
+from families import build_qwen3
 from llama_oracle import llama_cpp_available, llama_quantize_file
 from lora2gguf.artifacts import sha256_file
 from lora2gguf.cli import main
@@ -32,6 +34,7 @@ from lora2gguf.convert import external
 from lora2gguf.demo.train import train_lora
 from lora2gguf.errors import Lora2ggufError
 from lora2gguf.formats.gguf import read_gguf
+from lora2gguf.layout import CHAT_PARITY, COMPARE_REPORT, MANIFEST, MODEL_ANALYSIS, TEST_REPORT
 from lora2gguf.quantize.recipe import ModelInfo, TensorSpec, plan_types
 from olmo import build_tiny_olmo
 from test_convert import MIXED_TEXT, _kl_and_top1
@@ -287,29 +290,65 @@ def test_recipe_refuses_architecture_rules_it_does_not_transcribe() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# the workflow on the OLMo candidate
+# the workflow on an OLMo and a Qwen3 candidate
+
+# candidate -> (HF class, GGUF architecture, the converter its convert log names)
+WORKFLOW_CANDIDATES = {
+    "olmo-a": ("OlmoForCausalLM", "olmo", "llama.cpp's convert_hf_to_gguf.py"),
+    "qwen3-a": ("Qwen3ForCausalLM", "qwen3", "converted natively as qwen3"),
+}
+
+
+@pytest.fixture(scope="session")
+def qwen3_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    pytest.importorskip("torch")
+    return build_qwen3(tmp_path_factory.mktemp("bases") / "tiny-qwen3", seed=0)
+
+
+@pytest.fixture(scope="session")
+def qwen3_run(tmp_path_factory: pytest.TempPathFactory, qwen3_base: Path) -> Path:
+    out = tmp_path_factory.mktemp("qwen3-runs") / "qwen3-a"
+    return train_lora(qwen3_base, out, r=4, alpha=8, lr=5e-3, steps=4, seed=0)
 
 
 @needs_llama
 @pytest.mark.slow
-def test_workflow_runs_on_an_olmo_candidate(tmp_path: Path, olmo_base: Path, olmo_run: Path, converter: external.Converter) -> None:
+def test_workflow_runs_on_olmo_and_qwen3_candidates(tmp_path: Path, olmo_base: Path, olmo_run: Path, qwen3_base: Path,
+                                                    qwen3_run: Path, converter: external.Converter) -> None:
+    """One Snakemake run, two candidates on different bases: the ranking, then for each (not only the
+    winner) merge, convert (OLMo through llama.cpp's converter, Qwen3 natively), quantize, the
+    inference test, the comparison, deploy, chat parity and the manifest."""
     workdir = tmp_path / "work"
     workdir.mkdir()
-    config = tiny_config(olmo_base, {"olmo-a": olmo_run}, workdir)
+    config = tiny_config(olmo_base, {}, workdir)
+    config["candidates"] = {"olmo-a": {"base": str(olmo_base), "run": str(olmo_run)},
+                            "qwen3-a": {"base": str(qwen3_base), "run": str(qwen3_run)}}  # fmt: skip
     config["quantize"]["types"] = ["Q4_K_M"]
     write_config(workdir, config)
-    result = run_snakemake(workdir, "--cores", "2")
+    # `all` builds the winner's artifacts; the manifests (which need every artifact of their model) the other's.
+    manifests = [MANIFEST.format(model=name) for name in WORKFLOW_CANDIDATES]
+    result = run_snakemake(workdir, "--cores", "2", "all", *manifests)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-6000:]
-    log = workdir / "logs" / "convert_gguf" / "olmo-a.log"
-    assert "llama.cpp's convert_hf_to_gguf.py" in log.read_text()
-    gguf_dir = workdir / "models" / "olmo-a-merged-gguf"
-    assert (gguf_dir / "model.gguf").is_file() and (gguf_dir / "model-q4_km.gguf").is_file()
-    compare = json.loads((workdir / "results" / "olmo-a" / "compare_models.json").read_text())
+    analysis = json.loads((workdir / MODEL_ANALYSIS).read_text())
+    assert set(analysis["ranking"]) == set(WORKFLOW_CANDIDATES)
+    for name, (hf_arch, arch, converter_line) in WORKFLOW_CANDIDATES.items():
+        _check_workflow_candidate(workdir, name, hf_arch, arch, converter_line)
+
+
+def _check_workflow_candidate(workdir: Path, name: str, hf_arch: str, arch: str, converter_line: str) -> None:
+    assert converter_line in (workdir / "logs" / "convert_gguf" / f"{name}.log").read_text()
+    gguf_dir = workdir / "models" / f"{name}-merged-gguf"
+    assert read_gguf(gguf_dir / "model.gguf").metadata["general.architecture"] == arch
+    assert (gguf_dir / "model-q4_km.gguf").is_file() and (workdir / MANIFEST.format(model=name)).is_file()
+    test = json.loads((workdir / TEST_REPORT.format(model=name)).read_text())
+    assert test["model"]["architecture"] == hf_arch and len(test["cases"]) == 2
+    compare = json.loads((workdir / COMPARE_REPORT.format(model=name)).read_text())
+    assert compare["reference"]["architecture"] == hf_arch
     f16 = next(m for m in compare["models"] if m["label"] == "F16")
     assert f16["kl_divergence"]["mean"] < 1e-4 and f16["top1_agreement"] == 1.0, f16["kl_divergence"]
-    parity = json.loads((workdir / "results" / "olmo-a" / "chat_parity.json").read_text())
+    parity = json.loads((workdir / CHAT_PARITY.format(model=name)).read_text())
     assert all(r["identical"] == r["of"] for r in parity["renderers"].values() if r["measured"]), parity["summary"]
     served = parity["summary"]["served"]
     assert served["all_prompt_tokens_match"] and served["forced_stop_ends_at_stop"], served
-    print("olmo workflow:", {m["label"]: (m["kl_divergence"]["mean"], m["top1_agreement"]) for m in compare["models"]},
+    print(f"{name} workflow:", {m["label"]: (m["kl_divergence"]["mean"], m["top1_agreement"]) for m in compare["models"]},
           parity["summary"])  # fmt: skip

@@ -1,4 +1,4 @@
-"""Native conversion of the families beyond Qwen2/SmolLM: Qwen3, Llama 3, Gemma 2, Gemma 3, Mistral.
+"""Native conversion of the families beyond Qwen2/SmolLM: Qwen3, Llama 3, Gemma 2, Gemma 3, Mistral, Phi-3.
 
 Per family (tiny random models from tests/families.py, a LoRA adapter on every linear layer):
 ``lora2gguf merge`` verified; our F32/F16/BF16 GGUF of the merged model byte-identical to the pinned
@@ -7,7 +7,10 @@ Per family (tiny random models from tests/families.py, a LoRA adapter on every l
 template's output exactly as Hugging Face does; the stop tokens of the generation config are
 end-of-generation tokens in llama.cpp and the chat template is carried; Q4_K_M, Q5_K_M, Q6_K, Q8_0
 and Q4_0 from our quantizer byte-identical to ``llama_model_quantize``; and the LoRA adapter GGUF,
-applied by llama.cpp to the base GGUF, computes what peft does.
+applied by llama.cpp to the base GGUF, computes what peft does. Then the evaluation steps on each:
+``lora2gguf test`` and llama-server (through ``chat-parity``) end answers at the family's end-of-turn
+token; ``lora2gguf compare`` scores the F16 and Q4_K_M files; every chat renderer gives the prompt ids
+Hugging Face gives (or, for Ollama, the deploy report says why there is no TEMPLATE).
 """
 
 from __future__ import annotations
@@ -22,17 +25,22 @@ from typing import Any
 import numpy as np
 import pytest
 
-from conftest import refused
-from families import FAMILIES
+from conftest import _root_logger_kept, refused
+from families import FAMILIES, ending_turns_at_once
 from llama_oracle import llama_cpp_available, llama_quantize_file
 from lora2gguf.cli import main
 from lora2gguf.convert.convert import convert
 from lora2gguf.demo.dataset import render_text
+from lora2gguf.errors import Lora2ggufError
+from lora2gguf.deploy.parity import conversations
+from lora2gguf.hf import chat_ids, load_tokenizer
 from lora2gguf.quantize.quantize import QuantizeOptions, quantize_gguf
+from lora2gguf.settings import Prompt
 from test_adapter import _llama_cpp_logits, kl_top1
 from test_convert import (
     LOAD_SCRIPT, MIXED_TEXT, REFERENCE_RUNNER, SDIST_VERSION, VOCAB_WARNINGS, _find_vendored_llama_cpp, read_gguf,
 )  # fmt: skip
+from test_deploy import HAS_GO, needs_server
 from test_merge import make_adapter
 
 PY = sys.executable
@@ -43,6 +51,10 @@ OUTTYPES = ("f32", "f16", "bf16")
 REFERENCE_CASES = [(k, "merged", t) for k in KEYS for t in OUTTYPES] + [("gemma2", "merged_f16", "f16")]
 QUANT_TYPES = ("Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0", "Q4_0")
 N_EVAL = 64
+# The inference test's, the comparison's and chat parity's prompts: Chinese and English user turns.
+PROMPTS = [Prompt("exam", "我下周就要期末考试了，每天晚上都紧张得睡不着，该怎么办？"),
+           Prompt("deadlines", "I have three deadlines this week. How can I cope?")]  # fmt: skip
+PROMPTS_JSON = json.dumps([{"id": p.id, "text": p.text} for p in PROMPTS], ensure_ascii=False)
 
 needs_llama = pytest.mark.skipif(not llama_cpp_available(), reason="llama-cpp-python 0.3.36 not installed")
 
@@ -105,8 +117,24 @@ class FamilyModels:
 
         return self._once("merged_f16", make)
 
+    @property
+    def stopper(self) -> Path:
+        """The merged model answering the family's end-of-turn token at once to every chat-parity
+        conversation of PROMPTS (families.ending_turns_at_once)."""
+        def make() -> Path:
+            tokenizer = load_tokenizer(self.merged[0])
+            ids = [chat_ids(tokenizer, c.messages) for c in conversations(PROMPTS)]
+            return ending_turns_at_once(self.merged[0], self.root / "merged-stopper", self.end_of_turn_id, ids)
+
+        return self._once("stopper", make)
+
+    @property
+    def end_of_turn_id(self) -> int:
+        return int(load_tokenizer(self.merged[0]).convert_tokens_to_ids(self.family.end_of_turn))
+
     def folder(self, model: str) -> Path:
-        return {"merged": lambda: self.merged[0], "base": lambda: self.base, "merged_f16": lambda: self.merged_f16}[model]()
+        return {"merged": lambda: self.merged[0], "base": lambda: self.base, "merged_f16": lambda: self.merged_f16,
+                "stopper": lambda: self.stopper}[model]()
 
     def gguf(self, outtype: str, model: str = "merged") -> Path:
         def make() -> Path:
@@ -385,6 +413,107 @@ def test_lora_adapter_gguf_computes_what_peft_does(families: dict[str, FamilyMod
 
 
 # ---------------------------------------------------------------------------------------------
+# the inference test, the comparison and chat parity on each family
+# ---------------------------------------------------------------------------------------------
+
+# Ollama TEMPLATE translation (lora2gguf deploy): the families whose chat template trims every
+# message (Llama 3's and Gemma's, as released) have none, since Go's template cannot trim; the
+# others are translated and their Ollama rendering must be exact.
+UNTRANSLATED = {"llama3", "gemma2", "gemma3"}
+
+
+def _cli_report(out: Path, *argv: str | Path) -> dict[str, Any]:
+    """Run ``lora2gguf ARGV`` in this process and read the report it wrote at ``out``."""
+    with _root_logger_kept():
+        assert main([str(a) for a in argv]) == 0, argv
+    return json.loads(out.read_text(encoding="utf-8"))
+
+
+@pytest.mark.parametrize("key", KEYS)
+def test_inference_test_answers_end_at_the_end_of_turn(families: dict[str, FamilyModels], key: str,
+                                                       tmp_path: Path) -> None:
+    """``lora2gguf test`` stops each answer at the family's end-of-turn token (the stopper model
+    answers it at once; were it no stop token, it would be generated max_new_tokens times)."""
+    fam, out = families[key], tmp_path / "merged_model_test.json"
+    report = _cli_report(out, "test", "--model", fam.stopper, "--prompts", PROMPTS_JSON, "--generation",
+                         '{"max_new_tokens": 6}', "--device", "cpu", "--threads", "2", "--out", out)
+    assert report["model"]["architecture"] == FAMILIES[key].hf_architecture
+    settings = report["settings"]
+    assert settings["chat_template_applied"]
+    stop_ids = load_tokenizer(fam.stopper).convert_tokens_to_ids(list(FAMILIES[key].stop_tokens))
+    assert sorted(settings["stop_token_ids"]) == sorted(stop_ids)
+    assert [(c["stopped_by"], c["generated_tokens"], c["response"]) for c in report["cases"]] == [("eos", 1, "")] * 2
+
+
+@needs_llama
+@pytest.mark.parametrize("key", KEYS)
+def test_compare_scores_f16_and_q4_k_m(families: dict[str, FamilyModels], key: str, tmp_path: Path) -> None:
+    """``lora2gguf compare``: the merged model in PyTorch against its F16 and Q4_K_M GGUF in llama.cpp."""
+    fam, out = families[key], tmp_path / "compare_models.json"
+    f16, q4 = fam.gguf("f16"), tmp_path / "model-q4_km.gguf"
+    quantize_gguf(f16, q4, QuantizeOptions("Q4_K_M", threads=2))
+    report = _cli_report(out, "compare", "--reference", fam.merged[0], "--gguf", f16, "--gguf", q4,
+                         "--eval-text", fam.root / "eval.txt", "--max-tokens", str(N_EVAL), "--context", str(N_EVAL),
+                         "--prompts", PROMPTS_JSON, "--max-new-tokens", "4", "--threads", "2", "--speed-repeats", "1",
+                         "--out", out)  # fmt: skip
+    assert report["reference"]["architecture"] == FAMILIES[key].hf_architecture
+    models = {m["label"]: m for m in report["models"]}
+    assert set(models) == {"F16", "Q4_K_M"} and "failed" not in report
+    kl = {label: m["kl_divergence"]["mean"] for label, m in models.items()}
+    print(f"{key} compare: F16 KL {kl['F16']:.2e} top1 {models['F16']['top1_agreement']:.3f}; Q4_K_M KL "
+          f"{kl['Q4_K_M']:.2e} top1 {models['Q4_K_M']['top1_agreement']:.3f}; greedy tokens identical "
+          f"{models['F16']['generation']['identical_token_fraction']:.2f} / "
+          f"{models['Q4_K_M']['generation']['identical_token_fraction']:.2f}")  # fmt: skip
+    assert kl["F16"] < 1e-3 and kl["F16"] < kl["Q4_K_M"] < 0.5
+    assert models["Q4_K_M"]["sidecar_matches_file"] is True
+
+
+@needs_llama
+@needs_server
+@pytest.mark.parametrize("key", KEYS)
+def test_chat_parity_and_served_answers_end_at_the_end_of_turn(families: dict[str, FamilyModels], key: str,
+                                                               tmp_path: Path) -> None:
+    """``lora2gguf deploy`` then ``chat-parity`` on the stopper's GGUF: every renderer gives the
+    Hugging Face prompt ids (Gemma's system message folded into the first user turn included), and
+    llama-server ends each served answer at the end-of-turn token with finish_reason "stop"."""
+    fam, gguf = families[key], tmp_path / "gguf" / "model.gguf"
+    gguf.parent.mkdir()
+    shutil.copyfile(fam.gguf("f32", model="stopper"), gguf)
+    deployed = _cli_report(tmp_path / "deploy.json", "deploy", gguf, "--merged", fam.stopper, "--report",
+                           tmp_path / "deploy.json", "--name", key)
+    assert set(FAMILIES[key].stop_tokens) <= {stop["text"] for stop in deployed["stop"]}
+    assert deployed["template"]["translated"] == (key not in UNTRANSLATED), deployed["template"]
+    out = tmp_path / "chat_parity.json"
+    report = _cli_report(out, "chat-parity", "--merged", fam.stopper, "--gguf", gguf, "--modelfile",
+                         gguf.parent / "Modelfile", "--prompts", PROMPTS_JSON, "--max-new-tokens", "4",
+                         "--threads", "2", "--out", out)  # fmt: skip
+    renderers = report["renderers"]
+    if key in UNTRANSLATED:
+        assert "does not render message content verbatim" in deployed["template"]["reason"]
+        assert not renderers.pop("ollama")["measured"]
+    elif not HAS_GO:
+        renderers.pop("ollama")
+    print(f"{key} chat parity: {report['summary']}")
+    assert {name: (r["identical"], r["of"]) for name, r in renderers.items()} == {name: (4, 4) for name in renderers}
+    served = report["served"]
+    assert served["backend"] == "llama-server" and served["all_prompt_tokens_match"] and served["all_answers_match"]
+    eot = fam.end_of_turn_id
+    assert [(c["answer_ids"], c["finish_reason"]) for c in served["conversations"]] == [([eot], "stop")] * 4
+
+
+def test_run_that_saved_its_tokenizer_merges_into_a_convertible_folder(families: dict[str, FamilyModels],
+                                                                       tmp_path: Path) -> None:
+    """A LLaMA-Factory run saves its tokenizer beside the adapter (tokenizer.save_pretrained, which in
+    transformers 5 writes tokenizer.json but no tokenizer.model); its merged Gemma 3 must still convert."""
+    fam = families["gemma3"]
+    run = make_adapter(fam.base, tmp_path / "run", r=4, alpha=8, targets=list(fam.family.lora_targets))
+    merged = tmp_path / "merged"
+    assert main(["merge", "--base", str(fam.base), "--adapter", str(run), "--out", str(merged), "--device", "cpu"]) == 0
+    assert (merged / "tokenizer.model").read_bytes() == (fam.base / "tokenizer.model").read_bytes()
+    convert(merged, tmp_path / "model.gguf", "f16", progress=False)
+
+
+# ---------------------------------------------------------------------------------------------
 # configs llama.cpp would convert into a model that computes something else, and missing files
 # ---------------------------------------------------------------------------------------------
 
@@ -431,7 +560,6 @@ def test_lora_on_a_transformed_tensor_is_refused(families: dict[str, FamilyModel
 
     from lora2gguf.adapter.export import _read_base, plan_pairs
     from lora2gguf.adapter.peft_adapter import read_adapter
-    from lora2gguf.errors import Lora2ggufError
 
     fam = families["gemma2"]
     adapter = read_adapter(fam.adapter)

@@ -6,6 +6,10 @@ import argparse
 from pathlib import Path
 
 from lora2gguf.adapter.export import OUTTYPES, AdapterOptions, export_adapter
+from lora2gguf.archs import ARCHS
+
+# The base architectures an adapter can be written for: those with a native conversion table.
+_NATIVE = ", ".join(hf for spec in ARCHS.values() for hf in spec.hf_architectures)
 
 HELP = "write a run's LoRA adapter as a llama.cpp LoRA GGUF (served on the base GGUF with --lora)"
 
@@ -14,7 +18,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         "Write a run's peft LoRA adapter (adapter_config.json, adapter_model.safetensors) as a llama.cpp LoRA "
         "GGUF, to load on the base model's GGUF (llama-cli/llama-server --lora, llama-cpp-python lora_path). "
-        "Tensor names and layout are the base architecture's (Qwen2 or Llama); a plain LoRA gives the same file "
+        f"Tensor names and layout are the base architecture's (one lora2gguf converts natively: {_NATIVE}); a plain "
+        "LoRA gives the same file "
         "as llama.cpp's convert_lora_to_gguf.py. rsLoRA and per-module ranks/alphas (rank_pattern, alpha_pattern) "
         "are folded into the written scale so llama.cpp computes what peft does. DoRA, modules_to_save, trained "
         "biases and LoRA on a tied embedding/head are refused (merge instead)."
