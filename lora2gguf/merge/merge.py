@@ -517,6 +517,8 @@ def _write_folder(
         copied = _copy_tokenizer(inputs.tok_src, tmp)
         if inputs.tok_src != options.base and getattr(tokenizer, "chat_template", None) is None:
             copied += _chat_template_from_base(options.base, tmp, trace.warnings)
+        if inputs.tok_src != options.base:
+            copied += _sentencepiece_model_from_base(inputs.tok_src, options.base, tmp, trace.notes)
         weights = _check_output_safetensors(tmp)
         _normal_permissions(tmp)
     trace.timings["save_s"] = t.seconds
@@ -749,6 +751,17 @@ def _copy_tokenizer(source: Path, dest: Path) -> list[str]:
     if not copied:
         raise Lora2ggufError(f"{source}: no tokenizer files (tokenizer.json / tokenizer_config.json) found")
     return copied
+
+
+def _sentencepiece_model_from_base(source: Path, base: Path, dest: Path, notes: list[str]) -> list[str]:
+    """transformers 5 saves a SentencePiece tokenizer (Gemma, Mistral, Phi-3) without tokenizer.model, which
+    GGUF conversion needs: the run's folder lacks it, so the base's, which the run's vocabulary extends, is kept."""
+    if (source / "tokenizer.model").is_file() or not (base / "tokenizer.model").is_file():
+        return []
+    check_links_inside(base, [base / "tokenizer.model"])
+    shutil.copyfile(base / "tokenizer.model", dest / "tokenizer.model")
+    notes.append("the run's tokenizer files have no tokenizer.model; the base's was kept (GGUF conversion needs it)")
+    return ["tokenizer.model (from base)"]
 
 
 def _chat_template_from_base(base: Path, dest: Path, warnings_out: list[str]) -> list[str]:
