@@ -34,7 +34,7 @@ def broken(change: str) -> dict:
         config["calibration"]["text"] = "resources/demo/data/train.txt"
     elif change == "imatrix_only_type_plain":
         config["demo"]["enabled"] = True
-        config["quantize"]["types"] = ["Q4_K_M", "IQ2_XS"]
+        config["quantize"]["types"] = ["Q4_K_M", {"type": "IQ2_XS", "imatrix": True}, "IQ1_M"]
     elif change == "deploy_file_not_built":
         config["demo"]["enabled"] = True
         config["deploy"]["file"] = "Q6_K"
@@ -55,7 +55,7 @@ def broken(change: str) -> dict:
         ("missing_section", "'selection' is a required property"),
         ("missing_path", "candidates.smollm2-counsel-r8.base: path 'resources/demo/bases/smollm2-135m' does not exist"),
         ("deploy_file_not_built", "config.yaml: deploy.file: Q6_K is not among quantize.types"),
-        ("imatrix_only_type_plain", "quantize.types: IQ2_XS needs an importance matrix"),
+        ("imatrix_only_type_plain", "quantize.types: IQ1_M needs an importance matrix"),
         ("training_template_missing", "candidates.mine.training_template: path 'nope.jinja' is not a file"),
     ],
 )

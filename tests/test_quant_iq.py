@@ -1,15 +1,18 @@
-"""Lattice types (IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S; file types IQ2_XXS/XS/S/M, IQ3_XXS/S/M):
-byte parity with llama.cpp, block and file, and llama.cpp's refusal without an importance matrix.
+"""Lattice types (IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS, IQ3_S, IQ1_S, IQ1_M; file types IQ2_XXS/XS/S/M,
+IQ3_XXS/S/M, IQ1_S/M): byte parity with llama.cpp, block and file, and llama.cpp's refusal without an
+importance matrix.
 
 Blocks: every block of :mod:`lora2gguf.quantize.iquants` equals ``ggml_quantize_chunk`` of the
 pinned llama.cpp on the K-quant tests' finite data distributions and the imatrix tests' rows, with
-importance weights (and without, for the types ggml quantizes without: IQ2_S, IQ3_XXS, IQ3_S). The
-grids come from gguf-py and the kmap / neighbour tables are generated as llama.cpp's
-iq2xs_init_impl / iq3xs_init_impl do, so these checks prove the tables too. On non-finite input
-llama.cpp aborts (GGML_ASSERT / "point not on grid"): we refuse instead. Files: ``lora2gguf
-quantize`` writes exactly the bytes of ``llama_model_quantize`` with an importance matrix on the
-tiny Qwen2 (rows of 320: the IQ -> IQ4_NL fallback) and the 16-layer models with 1 and 4 query
-heads per KV head, and on SmolLM2-135M (IQ2_XXS by default, every type with LORA2GGUF_FULL_PARITY=1).
+importance weights (and without, for the types ggml quantizes without: IQ2_S, IQ3_XXS, IQ3_S, IQ1_M).
+The grids come from gguf-py and the kmap / neighbour tables are generated as llama.cpp's
+iq2xs_init_impl / iq3xs_init_impl do, so these checks prove the tables too (IQ1's exhaustive split
+search sorts with glibc's stable qsort: the constant and two-level rows prove the tie order). On
+non-finite input llama.cpp aborts (GGML_ASSERT / "point not on grid"): we refuse instead. Files:
+``lora2gguf quantize`` writes exactly the bytes of ``llama_model_quantize`` with an importance
+matrix on the tiny Qwen2 (rows of 320: the IQ -> IQ4_NL fallback) and the 16-layer models with 1
+and 4 query heads per KV head (IQ1_S and IQ1_M in CI too), and on SmolLM2-135M (IQ2_XXS by
+default, every type with LORA2GGUF_FULL_PARITY=1).
 """
 
 from __future__ import annotations
@@ -24,8 +27,8 @@ import pytest
 from lora2gguf.errors import Lora2ggufError
 from lora2gguf.quantize import blocks, iquants
 from lora2gguf.quantize.quantize import QuantizeOptions, quantize_gguf
-from lora2gguf.quantize.recipe import ModelInfo, TensorSpec, plan_types
-from lora2gguf.quantize.types import FILE_TYPES, file_tag
+from lora2gguf.quantize.recipe import ModelInfo, TensorSpec, plan_types, requires_imatrix
+from lora2gguf.quantize.types import FILE_TYPES, NEEDS_IMATRIX, SUPPORTED, file_tag
 from llama_oracle import ggml_quantize_rows, llama_cpp_available, llama_quantize_file, make_f16_fixture, smollm2_q4_1_path
 from test_imatrix import _rows_and_weights
 from test_quant import _test_rows
@@ -34,7 +37,7 @@ from test_quant_lowbit import _assert_blocks_equal, _assert_same_file, _deep_mod
 
 needs_llama = pytest.mark.skipif(not llama_cpp_available(), reason="llama-cpp-python is not installed")
 FULL = os.environ.get("LORA2GGUF_FULL_PARITY") == "1"
-FILE_TYPES_IQ = ("IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS", "IQ3_S", "IQ3_M")
+FILE_TYPES_IQ = ("IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS", "IQ3_S", "IQ3_M", "IQ1_S", "IQ1_M")
 CI_TYPES = ("IQ2_XXS",)  # SmolLM2 parity without LORA2GGUF_FULL_PARITY
 
 
@@ -122,8 +125,38 @@ def test_recipe_rules_of_the_iq_types() -> None:
     assert plan_types(odd, gqa2, "IQ2_XXS").choices[0].dst_type == "IQ4_NL"
 
 
+def test_recipe_rules_of_the_iq1_types() -> None:
+    gqa2 = ModelInfo(arch="qwen2", n_layer=16, n_head=4, n_head_kv=2)
+    gqa4 = ModelInfo(arch="qwen2", n_layer=16, n_head=8, n_head_kv=2)
+    specs = _layers(16)
+    for ftype in ("IQ1_S", "IQ1_M"):
+        plan = plan_types(specs, gqa2, ftype, has_imatrix=True)
+        assert _types(plan, "ffn_down") == ["Q2_K"] * 2 + [ftype] * 14, ftype
+        assert set(_types(plan, "attn_v")) == {"Q2_K"} and set(_types(plan, "attn_output")) == {"IQ2_XXS"}
+        assert set(_types(plan, "attn_q")) == set(_types(plan, "ffn_up")) == {ftype}
+        assert set(_types(plan_types(specs, gqa4, ftype), "attn_v")) == {"Q4_K"}
+        tied = [TensorSpec("token_embd.weight", (512, 64), "F16")]
+        assert plan_types(tied, gqa2, ftype).choices[0].dst_type == "Q5_K"
+        untied = [*tied, TensorSpec("output.weight", (512, 64), "F16")]
+        got = {c.name: c.dst_type for c in plan_types(untied, gqa2, ftype).choices}
+        assert got == {"token_embd.weight": "Q2_K", "output.weight": "Q5_K"}, got
+        odd = [TensorSpec("blk.0.ffn_up.weight", (320, 32), "F16"), TensorSpec("blk.0.ffn_gate.weight", (100, 32), "F16")]
+        assert [c.dst_type for c in plan_types(odd, gqa2, ftype).choices] == ["F16", "IQ4_NL"]
+
+
+def test_imatrix_only_types_are_those_llama_cpp_requires_it_for() -> None:
+    """The config's list (NEEDS_IMATRIX) is what llama.cpp's tensor_requires_imatrix makes of each recipe."""
+    specs = _layers(16)
+    gqa2 = ModelInfo(arch="qwen2", n_layer=16, n_head=4, n_head_kv=2)
+    gqa8 = ModelInfo(arch="llama", n_layer=16, n_head=8, n_head_kv=1)
+    for model in (gqa2, gqa8):
+        plans = {t: plan_types(specs, model, t).choices for t in SUPPORTED}
+        needs = {t for t, choices in plans.items() if any(requires_imatrix(c.name, c.dst_type) for c in choices)}
+        assert needs == set(NEEDS_IMATRIX), needs ^ set(NEEDS_IMATRIX)
+
+
 def test_iq_types_without_an_imatrix_are_refused_before_any_work(f16_gguf: Path, tmp_path: Path) -> None:
-    for ftype in ("IQ2_XXS", "IQ2_S", "IQ2_M", "IQ3_XXS"):
+    for ftype in ("IQ2_XXS", "IQ2_S", "IQ2_M", "IQ3_XXS", "IQ1_S", "IQ1_M"):
         out = tmp_path / f"{ftype}.gguf"
         with pytest.raises(Lora2ggufError, match="requires an importance matrix"):
             quantize_gguf(f16_gguf, out, QuantizeOptions(ftype, threads=1))

@@ -184,7 +184,7 @@ def test_tags_of_the_new_types() -> None:
     for t in NEW_TYPES:
         assert split_quant_tag(quant_file_tag(t, True)) == (t, True)
     with pytest.raises(Lora2ggufError, match="not supported"):
-        plan_types([], ModelInfo(arch="qwen2", n_layer=1), "IQ1_S")
+        plan_types([], ModelInfo(arch="qwen2", n_layer=1), "TQ1_0")
 
 
 # ----------------------------------------------------------------------------- files

@@ -10,7 +10,9 @@ lattice that is not on the grid, the grid points at its ``nwant`` smallest squar
 ordered by (distance, index) as their ``qsort`` leaves them. ``GRID`` is the ``(n, 8)`` (IQ2) or
 ``(n, 4)`` (IQ3) int8 grid in the C code's ``2*l + 1`` coordinates, ``KMAP`` the int32 map from a
 packed point to its grid index (or ``-(offset + 1)`` into ``NEIGH``, the uint16 neighbour lists,
-each prefixed by its length).
+each prefixed by its length). The quantizers take the grid as float32 (the same small odd
+integers, converted once instead of in every distance), and the level of a coordinate ``2*l + 1``
+is ``>> 1``.
 
 ``X`` is ``(rows, n_per_row)`` float32, ``QW`` the ``(n_per_row,)`` float32 importance (ignored
 where ``use_qw`` is false), ``OUT`` the ``(rows, row_bytes)`` uint8 result. A kernel returns 0, or
@@ -106,18 +108,17 @@ def neighbour_tables(GRID, bits, nwant, kmap_size):  # pragma: no cover - compil
 
 
 @njit(inline="always", cache=True, error_model="numpy")
-def _find_best_neighbour(NEIGH, start, GRID, xval, xo, waux, scale, L, lo, err):  # pragma: no cover - compiled
+def _find_best_neighbour(NEIGH, start, GRID, xval, xo, waux, scale, L, lo, err, dim):  # pragma: no cover - compiled
     """iq2_find_best_neighbour / iq3_find_best_neighbour: writes L[lo:lo+dim], returns the index.
-    No neighbour closer than FLT_MAX (NaN input) is ggml's GGML_ASSERT(grid_index >= 0): err[0] = 1."""
-    dim = GRID.shape[1]
+    No neighbour closer than FLT_MAX (NaN input) is ggml's GGML_ASSERT(grid_index >= 0): err[0] = 1.
+    ``dim`` is a constant at every call site, so the loops over a point's coordinates unroll as in C."""
     best_d2 = _FLT_MAX
     grid_index = -1
     for j in range(1, np.int64(NEIGH[start]) + 1):
         g = np.int64(NEIGH[start + j])
         d2 = _ZERO
         for i in range(dim):
-            q = np.float32(GRID[g, i])
-            diff = scale * q - xval[xo + i]
+            diff = scale * GRID[g, i] - xval[xo + i]
             d2 = d2 + waux[xo + i] * diff * diff
         if d2 < best_d2:
             best_d2 = d2
@@ -126,20 +127,22 @@ def _find_best_neighbour(NEIGH, start, GRID, xval, xo, waux, scale, L, lo, err):
         err[0] = 1
         return 0
     for i in range(dim):
-        L[lo + i] = (GRID[grid_index, i] - 1) // 2
+        L[lo + i] = np.int64(GRID[grid_index, i]) >> 1
     return grid_index
 
 
 @njit(inline="always", cache=True, error_model="numpy")
 def _grid_point(GRID, KMAP, NEIGH, xval, xo, waux, scale, L, lo, bits, err):  # pragma: no cover - compiled
-    """The packed L[lo:lo+dim] on the grid, or its best neighbour (which overwrites L): (index, on grid)."""
+    """The packed L[lo:lo+dim] on the grid, or its best neighbour (which overwrites L): (index, on grid).
+    IQ3 grids (bits 3) have 4 coordinates, IQ2 grids (bits 2) 8."""
+    dim = 4 if bits == 3 else 8
     u = 0
-    for i in range(GRID.shape[1]):
+    for i in range(dim):
         u |= np.int64(L[lo + i]) << (bits * i)
     g = np.int64(KMAP[u])
     if g >= 0:
         return g, True
-    return _find_best_neighbour(NEIGH, -g - 1, GRID, xval, xo, waux, scale, L, lo, err), False
+    return _find_best_neighbour(NEIGH, -g - 1, GRID, xval, xo, waux, scale, L, lo, err, dim), False
 
 
 @njit(inline="always", cache=True, error_model="numpy")
@@ -274,7 +277,7 @@ def iq2_xxs(X, QW, GRID, KMAP, NEIGH, OUT):  # pragma: no cover - compiled
                         _round_levels(idv, xval, 8 * k, 8, kmax, L, fbuf, ibuf)
                         g, _on = _grid_point(GRID, KMAP, NEIGH, xval, 8 * k, waux, scale, L, 8 * k, 2, err)
                         for i in range(8):
-                            L[8 * k + i] = (GRID[g, i] - 1) // 2
+                            L[8 * k + i] = np.int64(GRID[g, i]) >> 1
                     sumqx, sumq2 = _sums(weight, xval, L, 32)
                     if sumq2 > _ZERO:
                         scale = sumqx / sumq2
@@ -462,7 +465,7 @@ def iq3_xxs(X, QW, use_qw, GRID, KMAP, NEIGH, OUT):  # pragma: no cover - compil
                         _round_levels(idv, xval, 4 * k, 4, kmax, L, fbuf, ibuf)
                         g, _on = _grid_point(GRID, KMAP, NEIGH, xval, 4 * k, waux, scale, L, 4 * k, 3, err)
                         for i in range(4):
-                            L[4 * k + i] = (GRID[g, i] - 1) // 2
+                            L[4 * k + i] = np.int64(GRID[g, i]) >> 1
                     sumqx, sumq2 = _sums(weight, xval, L, 32)
                     if sumq2 > _ZERO:
                         scale = sumqx / sumq2
@@ -562,7 +565,7 @@ def iq3_s(X, QW, use_qw, GRID, KMAP, NEIGH, OUT):  # pragma: no cover - compiled
                         _round_levels(idv, xval, 4 * k, 4, kmax, L, fbuf, ibuf)
                         g, _on = _grid_point(GRID, KMAP, NEIGH, xval, 4 * k, waux, scale, L, 4 * k, 3, err)
                         for i in range(4):
-                            L[4 * k + i] = (GRID[g, i] - 1) // 2
+                            L[4 * k + i] = np.int64(GRID[g, i]) >> 1
                     sumqx, sumq2 = _sums(weight, xval, L, 32)
                     if sumq2 > _ZERO:
                         scale = sumqx / sumq2

@@ -19,8 +19,8 @@ The rules that matter for the models this project makes:
   Q5_K; IQ4_NL / IQ4_XS give attn_v Q5_K at 4+ heads per KV head and, without an imatrix only,
   the first eighth of the ffn_down layers Q5_K;
 * a tensor whose row length (ne[0]) is not a multiple of the chosen type's block size falls
-  back: Q2_K / Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, IQ4_XS -> IQ4_NL, and to
-  F16 when 32 does not divide it either.
+  back: Q2_K / Q3_K -> Q4_0, Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0, IQ4_XS and the IQ1 / IQ2 /
+  IQ3 types -> IQ4_NL, and to F16 when 32 does not divide it either.
 
 Architecture conditions: falcon's and the 70B / 8-expert ones are transcribed; glm5-next's (tensors
 never quantized, tensors never below Q8_0) are not, so a tensor that would meet one is refused by
@@ -51,7 +51,7 @@ BLOCK: dict[str, tuple[int, int]] = {
     name: gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[name]]
     for name in (
         "F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_K",
-        "IQ4_NL", "IQ4_XS", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S",
+        "IQ4_NL", "IQ4_XS", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ1_S", "IQ1_M",
     )
 }
 FLOAT_TYPES = frozenset({"F32", "F16", "BF16", "F64"})
@@ -62,6 +62,7 @@ INTEGER_TYPES = frozenset({"I8", "I16", "I32", "I64"})
 _FALLBACK = {
     "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0", "Q2_K": "Q4_0", "Q3_K": "Q4_0",
     "IQ4_XS": "IQ4_NL", "IQ2_XXS": "IQ4_NL", "IQ2_XS": "IQ4_NL", "IQ2_S": "IQ4_NL", "IQ3_XXS": "IQ4_NL", "IQ3_S": "IQ4_NL",
+    "IQ1_S": "IQ4_NL", "IQ1_M": "IQ4_NL",
 }
 
 # llama.cpp's tensor_requires_imatrix: tensors of these types (other than token_embd / output) need

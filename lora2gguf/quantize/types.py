@@ -48,18 +48,21 @@ _FILE_TYPES: tuple[FileType, ...] = (
     FileType("IQ3_XXS", 23, "IQ3_XXS"),
     FileType("IQ3_S", 26, "IQ3_S"),
     FileType("IQ3_M", 27, "IQ3_S"),
+    FileType("IQ1_S", 24, "IQ1_S"),
+    FileType("IQ1_M", 31, "IQ1_M"),
 )
 
 FILE_TYPES: dict[str, FileType] = {ft.name: ft for ft in _FILE_TYPES}
 SUPPORTED: tuple[str, ...] = tuple(FILE_TYPES)
-# File types llama-quantize refuses without --imatrix (their recipe puts IQ2_XXS / IQ2_XS / IQ2_S /
-# IQ3_XXS tensors in the layers: llama.cpp's tensor_requires_imatrix). IQ3_S and IQ3_M do not need one.
-NEEDS_IMATRIX: tuple[str, ...] = ("IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS")
+# File types llama-quantize refuses without --imatrix (their recipe puts IQ1_S / IQ1_M / IQ2_XXS /
+# IQ2_XS / IQ2_S / IQ3_XXS tensors in the layers: llama.cpp's tensor_requires_imatrix). IQ3_S and
+# IQ3_M do not need one.
+NEEDS_IMATRIX: tuple[str, ...] = ("IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS", "IQ1_S", "IQ1_M")
 
 # Tensor types a user may force with --output-tensor-type / --token-embedding-type: every type we can write.
 TENSOR_TYPES: tuple[str, ...] = (
     "F32", "F16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS",
-    "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S",
+    "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ1_S", "IQ1_M",
 )
 
 
