@@ -9,6 +9,10 @@ step as a fresh child process, ``--runs`` times (median reported, every run kept
                                                       0.3.36 sdist, its vendored gguf-py), same folder
     quantize <type>    lora2gguf quantize_gguf    vs llama_cpp.llama_model_quantize, same F16 file,
                                                       same thread count
+    imatrix            lora2gguf imatrix (merged  vs llama-imatrix (`make llama-tools`) on the F16 file,
+                       folder, CPU)                   the same 2048 tokens of the demo's training text
+                                                      in chunks of 512, same thread count
+                                                      (benchmarks/imatrix_speed.py)
 
 Times: whole child process wall clock ("process s": interpreter start and imports included, what a
 user waits for) and, where the tool reports it, the step's own time ("in-call s"). Peak memory: the
@@ -46,6 +50,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from lora2gguf.artifacts import read_json, write_json  # noqa: E402
+from lora2gguf.demo.dataset import render_text as render_demo_text  # noqa: E402
 from lora2gguf.formats.gguf import read_gguf  # noqa: E402
 from lora2gguf.provenance import device_info, package_versions  # noqa: E402
 
@@ -59,6 +64,7 @@ TARGETS = {
     "quantize_ratio": 2.0,  # ours / llama.cpp, time
     "convert_ratio": 1.0,  # ours / llama.cpp, time
     "peak_mb": 1536.0,  # convert and quantize, peak RSS
+    "imatrix_ratio": 1.0,  # ours / llama-imatrix, time and peak RSS
 }
 # The original export guide's budgets for a 0.5B model (merge 2-3 min, convert 5-10 min, quantize 10-15 min).
 GUIDE = {"merge": "2-3 min", "convert": "5-10 min", "quantize": "10-15 min", "total": "20-30 min"}
@@ -338,6 +344,18 @@ def bench_quantize(f16: Path, work: Path, types: list[str], runs: int, threads: 
     return results
 
 
+def bench_imatrix(merged: Path, f16: Path, work: Path, runs: int, threads: int, peers: bool, tokens: int) -> dict[str, Any]:
+    """lora2gguf imatrix on the merged folder against llama-imatrix on its F16 file (benchmarks/imatrix_speed.py)."""
+    bi = _load_module("_bench_imatrix", ROOT / "benchmarks" / "imatrix_speed.py")
+    text = work / "imatrix-train.txt"
+    text.write_text(render_demo_text("train"), encoding="utf-8")
+    setup = bi.ImatrixBench(merged, f16, text, work, tokens, 512, threads, bi.llama_tools() if peers else None)
+    result = bi.bench_imatrix(setup, runs)
+    if not peers:
+        result["llama_cpp_reason"] = "--no-peers"
+    return result
+
+
 # --------------------------------------------------------------------------------------------
 # Report
 # --------------------------------------------------------------------------------------------
@@ -365,6 +383,14 @@ def table_rows(res: dict[str, Any]) -> list[list[str]]:
                      _fmt(peer["median_in_call_s"]) if peer else "n/a",
                      _fmt(peer["max_in_call_peak_rss_mb"], ".0f") if peer else "n/a",
                      _fmt(q.get("ratio_in_call_s"), ".2f"), _fmt(q.get("ratio_peak_rss"), ".2f")])
+    imx = res.get("imatrix")
+    if imx:
+        peer = imx.get("llama_cpp")
+        rows.append([f"imatrix ({imx['calibration']['tokens']} tokens)", _fmt(imx["ours"]["median_process_s"]),
+                     _fmt(imx["ours"].get("median_in_call_s")), _fmt(imx["ours"]["max_peak_rss_mb"], ".0f"),
+                     _fmt(peer["median_process_s"]) if peer else "n/a",
+                     _fmt(peer["max_peak_rss_mb"], ".0f") if peer else "n/a",
+                     _fmt(imx.get("ratio_process_s"), ".2f"), _fmt(imx.get("ratio_peak_rss"), ".2f")])
     return rows
 
 
@@ -408,6 +434,15 @@ def evaluate_targets(res: dict[str, Any]) -> list[dict[str, Any]]:
                        "target": "<= 1.00x", "met": conv["ratio_process_s"] <= TARGETS["convert_ratio"]})
     checks.append({"what": "convert F16 peak RSS", "measured": f"{conv['ours']['max_peak_rss_mb']:.0f} MB",
                    "target": f"< {TARGETS['peak_mb']:.0f} MB", "met": conv["ours"]["max_peak_rss_mb"] < TARGETS["peak_mb"]})
+    imx = res.get("imatrix") or {}
+    if imx.get("ratio_process_s") is not None:
+        checks.append({"what": "imatrix time vs llama-imatrix (process; CPU seconds in brackets)",
+                       "measured": f"{imx['ratio_process_s']:.2f}x ({imx['ratio_cpu_s']:.2f}x)",
+                       "target": f"<= {TARGETS['imatrix_ratio']:.2f}x",
+                       "met": imx["ratio_process_s"] <= TARGETS["imatrix_ratio"]})
+        checks.append({"what": "imatrix peak RSS vs llama-imatrix", "measured": f"{imx['ratio_peak_rss']:.2f}x",
+                       "target": f"<= {TARGETS['imatrix_ratio']:.2f}x",
+                       "met": imx["ratio_peak_rss"] <= TARGETS["imatrix_ratio"]})
     return checks
 
 
@@ -441,7 +476,8 @@ def render_markdown(res: dict[str, Any]) -> str:
         "imports excluded). For convert, both sides are whole processes (llama.cpp's converter imports torch). "
         "Peak MB: for merge and convert the child's maximum resident set (wait4 ru_maxrss); for quantize the RSS "
         "sampled every 10 ms inside the call (benchmarks/quantize.py's child), both sides alike. Both count resident "
-        "memory-mapped file pages.",
+        "memory-mapped file pages. For imatrix, both sides are whole processes and peak MB is ru_maxrss; our "
+        "in-call s is the forward passes alone.",
         "",
         f"Load: 1-minute load average {res['load_average']['before'][0]:.1f} before and "
         f"{res['load_average']['after'][0]:.1f} after, on {m['cpu_count']} CPUs. {res['load_note']}",
@@ -466,6 +502,8 @@ def rescore(res: dict[str, Any]) -> dict[str, Any]:
             entry["ratio_process_s"] = round(o["median_process_s"] / t["median_process_s"], 2)
             entry["ratio_cpu_s"] = round(o["median_cpu_s"] / t["median_cpu_s"], 2)
             entry["ratio_peak_rss"] = round(o["max_in_call_peak_rss_mb"] / t["max_in_call_peak_rss_mb"], 2)
+    if res.get("imatrix"):
+        _load_module("_bench_imatrix", ROOT / "benchmarks" / "imatrix_speed.py").summarize(res["imatrix"])
     res["targets"] = evaluate_targets(res)
     return res
 
@@ -485,13 +523,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2, help="quantize threads, both sides")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rebuild", action="store_true", help="rebuild the input model even if present")
-    parser.add_argument("--no-peers", action="store_true", help="skip llama.cpp's converter and quantizer")
+    parser.add_argument("--no-peers", action="store_true", help="skip llama.cpp's converter, quantizer and llama-imatrix")
+    parser.add_argument("--imatrix-tokens", type=int, default=2048, help="calibration tokens (chunks of 512)")
+    parser.add_argument("--no-imatrix", action="store_true", help="skip the importance-matrix comparison")
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--machine", help="machine name for the results file (default: from the CPU model)")
     parser.add_argument("--no-write", action="store_true", help="print the table only")
     parser.add_argument("--from-json", type=Path, help="re-render (and rescore) an existing results JSON; measure nothing")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    if args.imatrix_tokens % 512:
+        parser.error("--imatrix-tokens must be a multiple of 512 (llama-imatrix uses whole chunks)")
 
     if args.from_json:
         res = rescore(read_json(args.from_json))
@@ -516,6 +558,8 @@ def main(argv: list[str] | None = None) -> int:
     merge, merged = bench_merge(base, run, steps, args.merge_runs or args.runs)
     convert, f16 = bench_convert(merged, steps, args.runs, peers)
     quantize = bench_quantize(f16, steps, args.types, args.runs, args.threads, peers)
+    imatrix = None if args.no_imatrix else bench_imatrix(merged, f16, steps, args.runs, args.threads, peers,
+                                                         args.imatrix_tokens)
     load_after = os.getloadavg()
 
     q4 = quantize.get("Q4_K_M", {}).get("ours")
@@ -550,6 +594,7 @@ def main(argv: list[str] | None = None) -> int:
         "merge": merge,
         "convert": convert,
         "quantize": quantize,
+        "imatrix": imatrix,
         "export_total": export_total,
         "guide_expectations": GUIDE,
         "targets_definition": TARGETS,

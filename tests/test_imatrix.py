@@ -214,6 +214,88 @@ def test_collected_sums_equal_the_squared_inputs(tiny_imatrix: Path, tiny_base: 
     assert imatrix.entries["blk.0.ffn_down.weight"].sums.shape == (1, config["intermediate_size"])
 
 
+def _bf16_copy(model: Any, folder: Path) -> Path:
+    import torch
+
+    model.to(torch.bfloat16).save_pretrained(folder, safe_serialization=True)
+    return folder
+
+
+def _bf16_gemma3(folder: Path) -> Path:
+    """Gemma 3 keeps its embedding scale sqrt(hidden) in a buffer that a bf16 load rounds (sqrt(288)
+    is not a bf16 number) and its scaled embedding is not a plain nn.Embedding."""
+    import torch
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(vocab_size=512, hidden_size=288, intermediate_size=320, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=64, sliding_window=16,
+                              query_pre_attn_scalar=64, tie_word_embeddings=True)  # fmt: skip
+    config.architectures = ["Gemma3ForCausalLM"]
+    return _bf16_copy(Gemma3ForCausalLM(config), folder)
+
+
+def _float32_hooked_sums(model_dir: Path, chunks: list[list[int]]) -> dict[str, Any]:
+    """The collection as first written: the whole float32 model, one chunk per pass, a float64 pre-hook
+    on every linear layer of the blocks."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    sums: dict[str, Any] = {}
+
+    def hook_for(name: str) -> Any:
+        def hook(_module: Any, inputs: tuple[Any, ...]) -> None:
+            x = inputs[0].reshape(-1, inputs[0].shape[-1]).double()
+            sums[name] = sums.get(name, 0) + (x * x).sum(dim=0)
+
+        return hook
+
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and ".layers." in name:
+            module.register_forward_pre_hook(hook_for(name))
+    with torch.inference_mode():
+        for chunk in chunks:
+            model(torch.tensor([chunk]), use_cache=False)
+    return sums
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gemma3"])
+def test_collection_on_bf16_weights_equals_the_float32_model(
+    family: str, tiny_base: Path, tmp_path: Path
+) -> None:
+    """Run on a bf16 checkpoint as loaded (weights widened per matmul, body only, chunks batched), the
+    sums are those of the float32 model run chunk by chunk through a hook, and the model is left as it was."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from lora2gguf.imatrix.collect import collect, gguf_names
+
+    if family == "qwen2":
+        model_dir = _bf16_copy(AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32), tmp_path / "m")
+    else:
+        model_dir = _bf16_gemma3(tmp_path / "m")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto").eval()
+    assert model.dtype == torch.bfloat16
+    ids = np.random.default_rng(1).integers(0, model.config.vocab_size, 300).tolist()
+    chunks = [ids[i : i + 64] for i in range(0, 300, 64)]  # 4 chunks batched together, then 44 tokens alone
+    before = {n: (p.dtype, p.data_ptr()) for n, p in model.named_parameters()}
+
+    imatrix, stats = collect(model, lambda text, verbose: {"input_ids": ids}, model_dir, "unused",
+                             chunk_size=64, max_tokens=None, dataset="random ids")  # fmt: skip
+    assert stats.chunks == 5 and stats.tokens_used == 300
+    assert {n: (p.dtype, p.data_ptr()) for n, p in model.named_parameters()} == before
+    assert not any("forward" in vars(m) for m in model.modules())
+
+    expected = _float32_hooked_sums(model_dir, chunks)
+    names = gguf_names(model, model_dir)
+    assert set(names) == set(expected)
+    for module_name, gguf_name in names.items():
+        entry = imatrix.entries[gguf_name]
+        assert float(entry.counts[0]) == 300, gguf_name
+        np.testing.assert_allclose(entry.sums[0], expected[module_name].numpy(), rtol=1e-6, err_msg=gguf_name)
+
+
 # ----------------------------------------------------------------------------- quantize --imatrix
 
 
