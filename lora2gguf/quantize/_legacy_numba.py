@@ -15,10 +15,9 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from lora2gguf.quantize._weighted_numba import _fp16_round, _put_fp16
+from lora2gguf.quantize._weighted_numba import _fp16_round, _put_fp16, _put_qs_qh
 
 _QK = 32
-_HALF = _QK // 2
 _ZERO = np.float32(0.0)
 _ONE = np.float32(1.0)
 _F32_MAX = np.float32(np.finfo(np.float32).max)
@@ -55,15 +54,10 @@ def _inverse(d):  # pragma: no cover - compiled
     return _ONE / d if d != _ZERO else _ZERO
 
 
-@njit(inline="always", cache=True, error_model="numpy")
-def _put_u32(out, pos, v):  # pragma: no cover - compiled
-    for b in range(4):
-        out[pos + b] = (v >> (8 * b)) & 0xFF
-
-
 @njit(cache=True, nogil=True, error_model="numpy")
 def q4_0(X, OUT):  # pragma: no cover - compiled
     """quantize_row_q4_0_ref: d = max / -8 (signed abs-max), q = min(15, (int8)(x/d + 8.5))."""
+    L = np.empty(_QK, np.int64)
     for r in range(X.shape[0]):
         x = X[r]
         for i in range(X.shape[1] // _QK):
@@ -72,15 +66,15 @@ def q4_0(X, OUT):  # pragma: no cover - compiled
             d = vmax / np.float32(-8.0)
             inv = _inverse(d)
             _put_fp16(OUT[r], o, _fp16_round(d))
-            for j in range(_HALF):
-                q0 = min(15, int(x[s + j] * inv + np.float32(8.5)))
-                q1 = min(15, int(x[s + _HALF + j] * inv + np.float32(8.5)))
-                OUT[r, o + 2 + j] = q0 | (q1 << 4)
+            for j in range(_QK):
+                L[j] = min(15, int(x[s + j] * inv + np.float32(8.5)))
+            _put_qs_qh(OUT[r], o + 2, L, False)
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
 def q4_1(X, OUT):  # pragma: no cover - compiled
     """quantize_row_q4_1_ref: d = (max - min) / 15, m = min, q = min(15, (int8)((x - min)/d + 0.5))."""
+    L = np.empty(_QK, np.int64)
     for r in range(X.shape[0]):
         x = X[r]
         for i in range(X.shape[1] // _QK):
@@ -90,15 +84,15 @@ def q4_1(X, OUT):  # pragma: no cover - compiled
             inv = _inverse(d)
             _put_fp16(OUT[r], o, _fp16_round(d))
             _put_fp16(OUT[r], o + 2, _fp16_round(lo))
-            for j in range(_HALF):
-                q0 = min(15, int((x[s + j] - lo) * inv + np.float32(0.5)))
-                q1 = min(15, int((x[s + _HALF + j] - lo) * inv + np.float32(0.5)))
-                OUT[r, o + 4 + j] = q0 | (q1 << 4)
+            for j in range(_QK):
+                L[j] = min(15, int((x[s + j] - lo) * inv + np.float32(0.5)))
+            _put_qs_qh(OUT[r], o + 4, L, False)
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
 def q5_0(X, OUT):  # pragma: no cover - compiled
     """quantize_row_q5_0_ref: d = max / -16, q = min(31, (int8)(x/d + 16.5)); fifth bits in a 32-bit qh."""
+    L = np.empty(_QK, np.int64)
     for r in range(X.shape[0]):
         x = X[r]
         for i in range(X.shape[1] // _QK):
@@ -107,19 +101,15 @@ def q5_0(X, OUT):  # pragma: no cover - compiled
             d = vmax / np.float32(-16.0)
             inv = _inverse(d)
             _put_fp16(OUT[r], o, _fp16_round(d))
-            qh = 0
-            for j in range(_HALF):
-                q0 = min(31, int(x[s + j] * inv + np.float32(16.5)))
-                q1 = min(31, int(x[s + _HALF + j] * inv + np.float32(16.5)))
-                OUT[r, o + 6 + j] = (q0 & 0x0F) | ((q1 & 0x0F) << 4)
-                qh |= ((q0 & 0x10) >> 4) << j
-                qh |= ((q1 & 0x10) >> 4) << (j + _HALF)
-            _put_u32(OUT[r], o + 2, qh)
+            for j in range(_QK):
+                L[j] = min(31, int(x[s + j] * inv + np.float32(16.5)))
+            _put_qs_qh(OUT[r], o + 6, L, True)
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
 def q5_1(X, OUT):  # pragma: no cover - compiled
     """quantize_row_q5_1_ref: d = (max - min) / 31, m = min, q = (uint8)((x - min)/d + 0.5)."""
+    L = np.empty(_QK, np.int64)
     for r in range(X.shape[0]):
         x = X[r]
         for i in range(X.shape[1] // _QK):
@@ -129,14 +119,9 @@ def q5_1(X, OUT):  # pragma: no cover - compiled
             inv = _inverse(d)
             _put_fp16(OUT[r], o, _fp16_round(d))
             _put_fp16(OUT[r], o + 2, _fp16_round(lo))
-            qh = 0
-            for j in range(_HALF):
-                q0 = int((x[s + j] - lo) * inv + np.float32(0.5))
-                q1 = int((x[s + _HALF + j] - lo) * inv + np.float32(0.5))
-                OUT[r, o + 8 + j] = (q0 & 0x0F) | ((q1 & 0x0F) << 4)
-                qh |= ((q0 & 0x10) >> 4) << j
-                qh |= ((q1 & 0x10) >> 4) << (j + _HALF)
-            _put_u32(OUT[r], o + 4, qh)
+            for j in range(_QK):
+                L[j] = int((x[s + j] - lo) * inv + np.float32(0.5))
+            _put_qs_qh(OUT[r], o + 8, L, True)
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
