@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from lora2gguf.errors import Lora2ggufError
-from lora2gguf.formats.peft import read_lora_config
+from lora2gguf.formats.peft import lora_scaling, module_alpha, pattern_value, read_lora_config
 from lora2gguf.formats.safetensors import open_tensor, read_header
 
 logger = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ class LoraPair:
     @property
     def scaling(self) -> float:
         """What peft multiplies B @ A by: alpha / r, or alpha / sqrt(r) with rsLoRA."""
-        return self.alpha / math.sqrt(self.rank) if self.rslora else self.alpha / self.rank
+        return lora_scaling(self.alpha, self.rank, self.rslora)
 
     @property
     def llama_alpha(self) -> float:
@@ -84,15 +84,6 @@ class PeftAdapter:
     @property
     def lora_alpha(self) -> float:
         return float(self.config.get("lora_alpha", 8))
-
-
-def pattern_value(pattern: dict[str, Any], module: str, default: Any) -> Any:
-    """peft's rank_pattern / alpha_pattern lookup (peft.utils.other.get_pattern_key): the first key,
-    in the pattern's order, that matches the end of the module's name at a dot boundary."""
-    for key in pattern:
-        if re.match(rf"(.*\.)?({key})$", module):
-            return pattern[key]
-    return default
 
 
 def read_config(run: Path) -> dict[str, Any]:
@@ -238,7 +229,7 @@ def _make_pair(path: Path, module: str, parts: dict[str, Any], cfg: dict[str, An
             f"{path}: module '{module}' has rank {rank} but adapter_config.json gives it r={expected} "
             "(r / rank_pattern): the config does not belong to these weights"
         )
-    alpha = float(pattern_value(cfg.get("alpha_pattern") or {}, module, cfg.get("lora_alpha", 8)))
+    alpha = module_alpha(cfg, module)
     return LoraPair(module, a, b, parts["kind"] == "emb", rank, alpha, bool(cfg.get("use_rslora", False)))
 
 

@@ -271,11 +271,23 @@ def index_tensors(model_dir: Path) -> list[TensorEntry]:
     return entries
 
 
+def row_slices(entry: TensorEntry, elements: int, rows: int | None = None) -> Iterator[tuple[int, int]]:
+    """Ranges ``[start, stop)`` over the first ``rows`` rows of a tensor (all by default), each of about
+    ``elements`` values, to read a large tensor through ``open_tensor`` a slice at a time."""
+    total = entry.shape[0] if entry.shape else 1
+    per_row = max(1, entry.n_elements // total) if total else 1
+    step = max(1, elements // per_row)
+    for start in range(0, total if rows is None else rows, step):
+        yield start, min(total if rows is None else rows, start + step)
+
+
 @contextlib.contextmanager
-def open_tensor(entry: TensorEntry, rows: tuple[int, int] | None = None) -> Iterator[np.ndarray]:
+def open_tensor(
+    entry: TensorEntry, rows: tuple[int, int] | None = None, widen: bool = True
+) -> Iterator[np.ndarray]:
     """Map one tensor's bytes (or rows ``[start, stop)`` of it) read-only and yield them as an array.
 
-    BF16 comes back widened to float32. The array may be a view of the mapping: consume it
+    BF16 comes back widened to float32 (``widen=False``: its bit patterns, as uint16). The array may be a view of the mapping: consume it
     (convert, write) inside the ``with`` block. Mapping only the rows in use keeps resident memory
     at the size of that slice, because file pages count as resident while they are mapped.
     """
@@ -290,7 +302,7 @@ def open_tensor(entry: TensorEntry, rows: tuple[int, int] | None = None) -> Iter
         offset, nbytes = entry.offset + start * row_bytes, (stop - start) * row_bytes
     count = nbytes // itemsize
     if nbytes == 0:
-        yield np.zeros(shape, dtype=np.float32 if entry.dtype == "BF16" else np_dtype)
+        yield np.zeros(shape, dtype=np.float32 if entry.dtype == "BF16" and widen else np_dtype)
         return
     page = mmap.ALLOCATIONGRANULARITY
     map_start = offset - offset % page
@@ -302,7 +314,7 @@ def open_tensor(entry: TensorEntry, rows: tuple[int, int] | None = None) -> Iter
         with contextlib.suppress(AttributeError, OSError):
             mapping.madvise(mmap.MADV_SEQUENTIAL)
         raw = np.frombuffer(mapping, dtype=np_dtype, count=count, offset=delta).reshape(shape)
-        array = bf16_to_f32(raw) if entry.dtype == "BF16" else raw
+        array = bf16_to_f32(raw) if entry.dtype == "BF16" and widen else raw
         del raw
         yield array
         del array

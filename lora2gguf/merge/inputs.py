@@ -23,6 +23,9 @@ logger = logging.getLogger(__name__)
 
 # One list of tokenizer files for the whole package (artifacts is the base module that owns it).
 TOKENIZER_FILES = HF_TOKENIZER_FILES
+# The input embedding's tensor name in the families a tied output head reuses it in.
+EMBEDDING_NAMES = ("model.embed_tokens.weight", "transformer.wte.weight", "model.embed_in.weight")
+OUTPUT_HEAD_NAME = "lm_head.weight"
 
 
 @dataclass
@@ -149,7 +152,7 @@ def base_name_check(adapter_cfg: dict[str, Any], base: Path, base_config: dict[s
     return result
 
 
-_LORA_RE = re.compile(
+LORA_KEY_RE = re.compile(
     r"^(?P<module>.+?)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)"
     r"(?:\.(?!weight$|bias$)[^.]+)?(?:\.(?P<leaf>weight|bias))?$"
 )
@@ -158,10 +161,10 @@ _LORA_RE = re.compile(
 # peft's ModulesToSaveWrapper names: "<m>.modules_to_save[.<adapter>].weight" is the trained copy,
 # "<m>.original_module.weight" the base's (saved too when the vocabulary was resized), and
 # "<m>.base_layer.weight" a LoRA-wrapped embedding's base matrix (peft saves embedding layers it targets).
-_WRAPPER_RE = re.compile(r"\.(?:original_module|base_layer|modules_to_save(?:\.(?!weight$|bias$)[^.]+)?)(?=\.[^.]+$)")
+WRAPPER_RE = re.compile(r"\.(?:original_module|base_layer|modules_to_save(?:\.(?!weight$|bias$)[^.]+)?)(?=\.[^.]+$)")
 
 
-def _strip_prefix(key: str) -> str:
+def strip_prefix(key: str) -> str:
     return key[len("base_model.model.") :] if key.startswith("base_model.model.") else key
 
 
@@ -178,7 +181,7 @@ class _Base:
         info = self.weights.tensors.get(module_key)
         if info is None and self.tied and module_key.endswith("lm_head.weight"):
             # Tied models store only the input embedding; the output head reuses it.
-            for alias in ("model.embed_tokens.weight", "transformer.wte.weight", "model.embed_in.weight"):
+            for alias in EMBEDDING_NAMES:
                 if alias in self.weights.tensors:
                     return self.weights.tensors[alias]
         if info is None:
@@ -199,7 +202,7 @@ def _mismatch(adapter_key: str, a: TensorEntry, module_key: str, b: TensorEntry,
 def _check_full_copy(key: str, info: TensorEntry, base: _Base) -> tuple[str, int | None]:
     """A full copy of a module (modules_to_save): same shape as the base, except for rows of a resized
     vocabulary in embedding / output layers. Returns the module's base key and the resized row count."""
-    module_key = _WRAPPER_RE.sub("", _strip_prefix(key))
+    module_key = WRAPPER_RE.sub("", strip_prefix(key))
     target = base.tensor(module_key, key, info.path)
     if info.shape == target.shape:
         return module_key, None
@@ -259,7 +262,7 @@ def check_adapter_fits_base(
     resized_rows: dict[str, int] = {}
     full_copies: list[str] = []
     for key, info in sorted(adapter.tensors.items()):
-        match = _LORA_RE.match(_strip_prefix(key))
+        match = LORA_KEY_RE.match(strip_prefix(key))
         if match is None:
             module_key, rows = _check_full_copy(key, info, lookup)
             full_copies.append(module_key)
@@ -276,7 +279,7 @@ def check_adapter_fits_base(
     return {
         "resized_vocab_rows": sizes.pop() if sizes else None,
         "full_weight_tensors": sorted(set(full_copies)),
-        "lora_tensors": sum(1 for k in adapter.tensors if _LORA_RE.match(_strip_prefix(k))),
+        "lora_tensors": sum(1 for k in adapter.tensors if LORA_KEY_RE.match(strip_prefix(k))),
     }
 
 
@@ -284,7 +287,7 @@ def _lora_parts(adapter: WeightSource) -> dict[str, set[str]]:
     """The LoRA parts (lora_A, lora_B, magnitude...) each adapted module has, biases aside."""
     modules: dict[str, set[str]] = {}
     for key in adapter.tensors:
-        match = _LORA_RE.match(_strip_prefix(key))
+        match = LORA_KEY_RE.match(strip_prefix(key))
         if match is not None and match["leaf"] != "bias":
             modules.setdefault(match["module"], set()).add(match["part"])
     return modules
@@ -346,7 +349,7 @@ def check_adapter_changes_model(adapter: WeightSource, adapter_cfg: dict[str, An
     path = adapter.files[0]
     cfg_path = path.parent / "adapter_config.json"
     modules = _lora_parts(adapter)
-    full_copies = [k for k in adapter.tensors if _LORA_RE.match(_strip_prefix(k)) is None]
+    full_copies = [k for k in adapter.tensors if LORA_KEY_RE.match(strip_prefix(k)) is None]
     if not modules and not full_copies:
         raise Lora2ggufError(
             f"{path}: no LoRA tensors (lora_A/lora_B) and no full module copies: merging it would change nothing"
