@@ -16,12 +16,18 @@ F16_TABLE = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16)
 
 @njit(cache=True, nogil=True)
 def _widen(bits, table, out):  # pragma: no cover - compiled
+    """Widen through the table; returns the index of the first NaN/Inf pattern (exponent all ones), or -1."""
+    first = -1
     for i in range(bits.size):
         out[i] = table[bits[i]]
+        if first < 0 and (bits[i] & 0x7C00) == 0x7C00:
+            first = i
+    return first
 
 
-def widen_f16(bits: np.ndarray) -> np.ndarray:
-    """float32 values of ``bits`` (uint16 half-float patterns, any shape)."""
+def widen_f16(bits: np.ndarray) -> tuple[np.ndarray, int]:
+    """float32 values of ``bits`` (uint16 half-float patterns, any shape), and the flat index of the
+    first NaN/Inf among them (-1: all finite), found in the same pass."""
     out = np.empty(bits.shape, dtype=np.float32)
-    _widen(np.ascontiguousarray(bits).reshape(-1), F16_TABLE, out.reshape(-1))
-    return out
+    first = _widen(np.ascontiguousarray(bits).reshape(-1), F16_TABLE, out.reshape(-1))
+    return out, int(first)

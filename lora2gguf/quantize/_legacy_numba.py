@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from lora2gguf.quantize._weighted_numba import _fp16_round, _put_fp16, _put_qs_qh
+from lora2gguf.quantize._weighted_numba import _put_qs_qh, _store_fp16
 
 _QK = 32
 _ZERO = np.float32(0.0)
@@ -58,6 +58,8 @@ def _inverse(d):  # pragma: no cover - compiled
 def q4_0(X, OUT):  # pragma: no cover - compiled
     """quantize_row_q4_0_ref: d = max / -8 (signed abs-max), q = min(15, (int8)(x/d + 8.5))."""
     L = np.empty(_QK, np.int64)
+    fbuf = np.empty(1, np.float32)
+    ubuf = fbuf.view(np.uint32)
     for r in range(X.shape[0]):
         x = X[r]
         for i in range(X.shape[1] // _QK):
@@ -65,7 +67,7 @@ def q4_0(X, OUT):  # pragma: no cover - compiled
             vmax, _ = _signed_absmax(x, s)
             d = vmax / np.float32(-8.0)
             inv = _inverse(d)
-            _put_fp16(OUT[r], o, _fp16_round(d))
+            _store_fp16(OUT[r], o, d, fbuf, ubuf)
             for j in range(_QK):
                 L[j] = min(15, int(x[s + j] * inv + np.float32(8.5)))
             _put_qs_qh(OUT[r], o + 2, L, False)
@@ -75,6 +77,8 @@ def q4_0(X, OUT):  # pragma: no cover - compiled
 def q4_1(X, OUT):  # pragma: no cover - compiled
     """quantize_row_q4_1_ref: d = (max - min) / 15, m = min, q = min(15, (int8)((x - min)/d + 0.5))."""
     L = np.empty(_QK, np.int64)
+    fbuf = np.empty(1, np.float32)
+    ubuf = fbuf.view(np.uint32)
     for r in range(X.shape[0]):
         x = X[r]
         for i in range(X.shape[1] // _QK):
@@ -82,8 +86,8 @@ def q4_1(X, OUT):  # pragma: no cover - compiled
             lo, hi = _min_max(x, s)
             d = (hi - lo) / np.float32(15.0)
             inv = _inverse(d)
-            _put_fp16(OUT[r], o, _fp16_round(d))
-            _put_fp16(OUT[r], o + 2, _fp16_round(lo))
+            _store_fp16(OUT[r], o, d, fbuf, ubuf)
+            _store_fp16(OUT[r], o + 2, lo, fbuf, ubuf)
             for j in range(_QK):
                 L[j] = min(15, int((x[s + j] - lo) * inv + np.float32(0.5)))
             _put_qs_qh(OUT[r], o + 4, L, False)
@@ -93,6 +97,8 @@ def q4_1(X, OUT):  # pragma: no cover - compiled
 def q5_0(X, OUT):  # pragma: no cover - compiled
     """quantize_row_q5_0_ref: d = max / -16, q = min(31, (int8)(x/d + 16.5)); fifth bits in a 32-bit qh."""
     L = np.empty(_QK, np.int64)
+    fbuf = np.empty(1, np.float32)
+    ubuf = fbuf.view(np.uint32)
     for r in range(X.shape[0]):
         x = X[r]
         for i in range(X.shape[1] // _QK):
@@ -100,7 +106,7 @@ def q5_0(X, OUT):  # pragma: no cover - compiled
             vmax, _ = _signed_absmax(x, s)
             d = vmax / np.float32(-16.0)
             inv = _inverse(d)
-            _put_fp16(OUT[r], o, _fp16_round(d))
+            _store_fp16(OUT[r], o, d, fbuf, ubuf)
             for j in range(_QK):
                 L[j] = min(31, int(x[s + j] * inv + np.float32(16.5)))
             _put_qs_qh(OUT[r], o + 6, L, True)
@@ -110,6 +116,8 @@ def q5_0(X, OUT):  # pragma: no cover - compiled
 def q5_1(X, OUT):  # pragma: no cover - compiled
     """quantize_row_q5_1_ref: d = (max - min) / 31, m = min, q = (uint8)((x - min)/d + 0.5)."""
     L = np.empty(_QK, np.int64)
+    fbuf = np.empty(1, np.float32)
+    ubuf = fbuf.view(np.uint32)
     for r in range(X.shape[0]):
         x = X[r]
         for i in range(X.shape[1] // _QK):
@@ -117,8 +125,8 @@ def q5_1(X, OUT):  # pragma: no cover - compiled
             lo, hi = _min_max(x, s)
             d = (hi - lo) / np.float32(31.0)
             inv = _inverse(d)
-            _put_fp16(OUT[r], o, _fp16_round(d))
-            _put_fp16(OUT[r], o + 2, _fp16_round(lo))
+            _store_fp16(OUT[r], o, d, fbuf, ubuf)
+            _store_fp16(OUT[r], o + 2, lo, fbuf, ubuf)
             for j in range(_QK):
                 L[j] = int((x[s + j] - lo) * inv + np.float32(0.5))
             _put_qs_qh(OUT[r], o + 8, L, True)
@@ -127,6 +135,8 @@ def q5_1(X, OUT):  # pragma: no cover - compiled
 @njit(cache=True, nogil=True, error_model="numpy")
 def q8_0(X, OUT):  # pragma: no cover - compiled
     """quantize_row_q8_0_ref: d = absmax / 127, q = roundf(x/d) (half away from zero)."""
+    fbuf = np.empty(1, np.float32)
+    ubuf = fbuf.view(np.uint32)
     for r in range(X.shape[0]):
         x = X[r]
         for i in range(X.shape[1] // _QK):
@@ -134,7 +144,7 @@ def q8_0(X, OUT):  # pragma: no cover - compiled
             _, amax = _signed_absmax(x, s)
             d = amax / np.float32(127.0)
             inv = _inverse(d)
-            _put_fp16(OUT[r], o, _fp16_round(d))
+            _store_fp16(OUT[r], o, d, fbuf, ubuf)
             for j in range(_QK):
                 v = x[s + j] * inv
                 # roundf: half away from zero; floor(|v| + 0.5) would round 0.49999997 up

@@ -62,6 +62,40 @@ def _put_fp16(out, pos, v):  # pragma: no cover - compiled
     out[pos + 1] = bits >> 8
 
 
+@njit(inline="always", cache=True, error_model="numpy")
+def _store_fp16(out, pos, v, fbuf, ubuf):  # pragma: no cover - compiled
+    """``_put_fp16(out, pos, _fp16_round(v))`` in integer arithmetic on v's float32 bits (``fbuf`` a
+    1-element float32 array, ``ubuf`` its uint32 view): no libm frexp/ldexp calls, which cost about
+    as much as the rest of a 32-weight block. Round to nearest even, overflow to Inf, as
+    GGML_FP32_TO_FP16; v is finite (the quantizer refuses NaN/Inf input)."""
+    fbuf[0] = v
+    f = np.int64(ubuf[0])
+    sign = (f >> 16) & 0x8000
+    f &= 0x7FFFFFFF
+    if f < 0x38800000:  # below fp16's smallest normal: a multiple of 2**-24, or zero
+        if f < 0x33000000:
+            h = 0
+        else:
+            e = f >> 23
+            m = 0x800000 | (f & 0x7FFFFF)
+            shift = 126 - e
+            h = m >> shift
+            rem = m & ((1 << shift) - 1)
+            half = 1 << (shift - 1)
+            if rem > half or (rem == half and (h & 1) == 1):
+                h += 1
+    else:
+        h = (f >> 13) - (112 << 10)
+        rem = f & 0x1FFF
+        if rem > 0x1000 or (rem == 0x1000 and (h & 1) == 1):
+            h += 1
+        if h >= 0x7C00:
+            h = 0x7C00
+    bits = sign | h
+    out[pos] = bits & 0xFF
+    out[pos + 1] = bits >> 8
+
+
 @njit(cache=True, error_model="numpy")
 def _make_qp_quants(n, nmax, x, L, qw, fbuf, ibuf):  # pragma: no cover - compiled
     """make_qp_quants(n, nmax, x, L, quant_weights); L is uint8 in C, hence the & 0xFF."""

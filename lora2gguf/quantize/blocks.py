@@ -163,6 +163,19 @@ def encode(type_name: str, rows: np.ndarray, quant_weights: np.ndarray | None = 
     return out
 
 
+def decode_finite(type_name: str, data: np.ndarray, n_per_row: int) -> tuple[np.ndarray, int]:
+    """``decode``, and the first row holding a NaN or Inf (-1: none). For F16 (the usual source)
+    the numba widening finds it in the same pass; otherwise a separate pass looks."""
+    if type_name == "F16" and kquants.resolve_backend() == "numba":
+        from lora2gguf.quantize._f16_numba import widen_f16
+
+        values, first = widen_f16(np.asarray(data).view(np.uint16).reshape(-1, n_per_row))
+        return values, -1 if first < 0 else first // n_per_row
+    values = decode(type_name, data, n_per_row)
+    finite = np.isfinite(values)
+    return values, -1 if finite.all() else int(np.argwhere(~finite)[0][0])
+
+
 def decode(type_name: str, data: np.ndarray, n_per_row: int) -> np.ndarray:
     """Bytes (or F16/F32 values) of whole rows -> float32 ``(rows, n_per_row)``."""
     if type_name == "F32":
@@ -171,7 +184,7 @@ def decode(type_name: str, data: np.ndarray, n_per_row: int) -> np.ndarray:
         if kquants.resolve_backend() == "numba":
             from lora2gguf.quantize._f16_numba import widen_f16
 
-            return widen_f16(np.asarray(data).view(np.uint16).reshape(-1, n_per_row))
+            return widen_f16(np.asarray(data).view(np.uint16).reshape(-1, n_per_row))[0]
         return np.asarray(data).view(np.float16).reshape(-1, n_per_row).astype(np.float32)
     if type_name == "BF16":
         # bfloat16 is the top half of a float32: widening is exact.

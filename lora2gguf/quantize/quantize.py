@@ -52,9 +52,10 @@ logger = logging.getLogger(__name__)
 
 # ggml's GGML_QNT_VERSION, written as general.quantization_version.
 QUANTIZATION_VERSION = 2
-# Weights per work item: big enough that numpy's per-call overhead is small, small enough
-# that a chunk's float32 copy and temporaries stay in the L2/L3 cache region.
-CHUNK_WEIGHTS = 1 << 16
+# Weights per work item: big enough that the per-item Python overhead (future, decode, encode and
+# write calls) is small, small enough that a chunk's float32 copy stays in the L2/L3 cache region.
+# 2^18 against 2^16: Q4_0 and Q8_0 of the 0.5B model 3.3 -> 2.7 s on 2 cores (CPU 5.4 -> 4.7 s).
+CHUNK_WEIGHTS = 1 << 18
 
 
 @dataclass(frozen=True)
@@ -135,11 +136,9 @@ def _convert(job: _Job) -> np.ndarray:
     n_per_row = c.shape[0]
     n_rows = job.entry.n_elements // n_per_row
     src_rows = job.entry.data.reshape(n_rows, -1)
-    values = blocks.decode(c.src_type, src_rows[r0:r1], n_per_row)
-    finite = np.isfinite(values)
-    if not finite.all():
-        bad = r0 + int(np.argwhere(~finite)[0][0])
-        raise Lora2ggufError(f"tensor {c.name}: non-finite value (NaN or Inf) in row {bad}")
+    values, bad = blocks.decode_finite(c.src_type, src_rows[r0:r1], n_per_row)
+    if bad >= 0:
+        raise Lora2ggufError(f"tensor {c.name}: non-finite value (NaN or Inf) in row {r0 + bad}")
     if job.weights is None:
         return blocks.encode(c.dst_type, values)
     # each stacked matrix (expert) has its own importance row, as llama.cpp's imatrix_for_row
