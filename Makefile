@@ -10,6 +10,8 @@ PIP_EXTRA   ?=
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF
 CORES       ?= 2
 SNAKEMAKE_ARGS ?=
+# e.g. make bench BENCH_ARGS="--runs 2 --types Q4_K_M Q4_0"
+BENCH_ARGS  ?=
 
 BIN    := $(abspath $(VENV))/bin
 STAMP  := $(VENV)/.installed
@@ -50,7 +52,7 @@ lint: install
 	$(BIN)/snakefmt --check .
 
 bench: install
-	PATH="$(BIN):$$PATH" $(BIN)/python benchmarks/run.py
+	PATH="$(BIN):$$PATH" $(BIN)/python benchmarks/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf results models logs .snakemake

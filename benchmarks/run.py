@@ -60,7 +60,7 @@ logger = logging.getLogger("benchmarks.run")
 # not a multiple of 256, so most of their tensors fall back to IQ4_NL, llama.cpp's slowest 4-bit search).
 # "+imatrix": quantized with the importance matrix of the imatrix step (ours, given to both sides).
 DEFAULT_TYPES = ("Q4_K_M", "Q5_K_M", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K_S", "Q3_K_M", "Q3_K_L",
-                 "IQ4_NL", "IQ4_XS", "Q4_K_M+imatrix", "Q4_0+imatrix", "Q5_1+imatrix", "IQ4_XS+imatrix")
+                 "IQ4_NL", "IQ4_XS", "Q4_K_M+imatrix", "Q4_0+imatrix", "Q5_1+imatrix")
 IMATRIX_SUFFIX = "+imatrix"
 TARGETS = {
     "export_total_s": 60.0,  # merge + convert F16 + quantize Q4_K_M, whole processes
