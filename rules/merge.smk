@@ -1,5 +1,5 @@
-# Merge of the chosen LoRA adapter into its base (lora2gguf merge: peft merge_and_unload), verified tensor
-# by tensor against base + update and against the unmerged model on a fixed batch of the evaluation text.
+# Merge of the chosen LoRA adapter into its base (lora2gguf merge: peft merge_and_unload(safe_merge=True)),
+# verified tensor by tensor against base + update and against the unmerged model on a fixed batch of the evaluation text.
 # A QLoRA run (candidates.<name>.trained_on, or its run folder's record) is merged per merge.qlora_target, measured against the trained
 # model. The report carries the logit differences, tolerance, time, peak memory, versions and input sha256s;
 # a failed check writes nothing.
