@@ -345,7 +345,10 @@ def _check_workflow_candidate(workdir: Path, name: str, hf_arch: str, arch: str,
     compare = json.loads((workdir / COMPARE_REPORT.format(model=name)).read_text())
     assert compare["reference"]["architecture"] == hf_arch
     f16 = next(m for m in compare["models"] if m["label"] == "F16")
-    assert f16["kl_divergence"]["mean"] < 1e-4 and f16["top1_agreement"] == 1.0, f16["kl_divergence"]
+    # A random tiny model's next-token distribution is nearly flat (perplexity in the thousands): F16
+    # rounding may flip a near-tie at one of 63 positions (seen on an Intel host: KL 1.9e-6, top-1 62/63),
+    # so the distribution is held by KL and top-1 only to "almost every position", as test_families does.
+    assert f16["kl_divergence"]["mean"] < 1e-4 and f16["top1_agreement"] >= 0.95, f16["kl_divergence"]
     parity = json.loads((workdir / CHAT_PARITY.format(model=name)).read_text())
     assert all(r["identical"] == r["of"] for r in parity["renderers"].values() if r["measured"]), parity["summary"]
     served = parity["summary"]["served"]
