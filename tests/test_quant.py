@@ -222,6 +222,16 @@ def test_f16_rows_widen_exactly_for_every_bit_pattern(backend: str, monkeypatch:
     assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
 
 
+@pytest.mark.parametrize("backend", ["numba", "numpy"])
+def test_f16_decode_names_the_first_row_with_nan_or_inf(backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LORA2GGUF_KQUANTS_BACKEND", backend)
+    bits = np.full((8, 64), 0x3C00, dtype=np.uint16)  # 1.0
+    assert blocks.decode_finite("F16", bits.view(np.uint8), 64)[1] == -1
+    bits[5, 3] = 0xFC00  # -Inf
+    bits[6, 0] = 0x7E01  # a NaN
+    assert blocks.decode_finite("F16", bits.view(np.uint8), 64)[1] == 5
+
+
 def test_encode_rejects_bad_row_length() -> None:
     with pytest.raises(ValueError, match="not a multiple"):
         blocks.encode("Q4_0", np.zeros((2, 40), np.float32))
