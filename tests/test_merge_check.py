@@ -216,3 +216,59 @@ def test_merge_that_changes_an_untouched_tensor_is_refused(
     with pytest.raises(Lora2ggufError, match=rf"'{NORM}' should be the base's"):
         merge_adapter(MergeOptions(tiny_base, adapter, out))
     assert_nothing_written(out)
+
+
+def test_dora_on_an_embedding_is_judged_by_columns(tmp_path: Path, tiny_base: Path) -> None:
+    """peft's DoRA scales the columns of a [vocab, dim] embedding (one magnitude per dim, not per row):
+    the check models that, passes peft's merge, and catches one column scaled 1 % off."""
+    embedding = "model.embed_tokens.weight"
+    adapter = make_adapter(tiny_base, tmp_path / "ad", targets=["embed_tokens", "q_proj"], use_dora=True, seed=12)
+    out = tmp_path / "out"
+    report = merge_adapter(MergeOptions(tiny_base, adapter, out, device="cpu"))
+    figures = report["verification"]["tensors"]
+    assert figures["tensors"]["dora"] >= 2 and figures["tensors"]["lora"] == 0
+    assert 0 < figures["max_error_to_bound"] <= 1.0 and not figures["unchecked_rows"]
+
+    def nudge_column(t: dict[str, Any]) -> None:
+        t[embedding][:, 3] *= 1.01
+
+    with pytest.raises(Lora2ggufError, match=rf"'{embedding}' is not the base plus the adapter's update"):
+        _check(_planted((out, report), tmp_path, nudge_column), tiny_base, adapter, tied=False)
+
+
+def _merged_gpt2(tmp_path: Path, use_dora: bool) -> tuple[Path, Path, Path]:
+    """A tiny GPT-2 (Conv1D weights, stored [in, out]) with a fan_in_fan_out adapter on c_attn, merged by
+    peft itself: base, adapter and merged folders."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(5)
+    base, adapter, merged = tmp_path / "gpt2", tmp_path / "ad", tmp_path / "merged"
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=128, n_positions=64)).save_pretrained(base)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True, use_dora=use_dora)
+    peft_model = get_peft_model(GPT2LMHeadModel.from_pretrained(base), config)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 0.05)
+            elif "lora_magnitude_vector" in name:
+                param.mul_(1.0 + 0.1 * torch.randn_like(param))
+    peft_model.save_pretrained(adapter)
+    peft_model.merge_and_unload(safe_merge=True).save_pretrained(merged)
+    return base, adapter, merged
+
+
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_conv1d_weights_are_judged_transposed(tmp_path: Path, use_dora: bool) -> None:
+    """GPT-2's Conv1D stores [in, out]: the update is (B @ A).T, and DoRA scales its columns."""
+    base, adapter, merged = _merged_gpt2(tmp_path, use_dora)
+    figures = _check(merged, base, adapter)
+    assert figures["tensors"]["dora" if use_dora else "lora"] == 2 and 0 < figures["max_error_to_bound"] <= 1.0
+    attention = "transformer.h.1.attn.c_attn.weight"
+
+    def nudge_column(t: dict[str, Any]) -> None:
+        t[attention][:, 5] *= 1.01
+
+    with pytest.raises(Lora2ggufError, match=rf"'{attention}' is not the base plus the adapter's update"):
+        _check(_planted((merged, {}), tmp_path, nudge_column), base, adapter)

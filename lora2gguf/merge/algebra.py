@@ -1,9 +1,9 @@
 """The merge's per-tensor check: every written tensor against what the base and adapter files say it must be.
 
 A LoRA module's merged weight is ``W0 + s * B @ A`` (``s`` is lora_alpha / r, or / sqrt(r) with rsLoRA,
-per module from adapter_config.json); with DoRA it is ``m / ||W0 + s*B@A||_row * (W0 + s*B@A)``; a full
-module copy (modules_to_save) replaces the base tensor; every other tensor is the base's, unchanged.
-The expectation is computed here from the files alone -- base, adapter and config, in float32 (one
+per module from adapter_config.json); with DoRA it is ``m / ||W0 + s*B@A||_row * (W0 + s*B@A)`` (norms
+of columns instead for an embedding or a Conv1D weight, which are stored transposed); a full module
+copy (modules_to_save) replaces the base tensor; every other tensor is the base's, unchanged. The expectation is computed here from the files alone -- base, adapter and config, in float32 (one
 numba pass per tensor), never through peft -- and each written element must lie within the rounding its dtype allows:
 
     |written - expected| <= u * (|W0| + |s*B@A| + |expected|) + r * 2^-23 * |s| * (|B| @ |A|) + tiny
@@ -197,21 +197,54 @@ def _check_tensor(out: TensorEntry, exp: Expectation, dtype: str, tally: _Tally)
     base_rows = exp.base.shape[0] if exp.base is not None else 0
     if base_rows < rows:
         tally.unchecked_rows[out.name] = f"rows {base_rows}..{rows - 1} added by resizing the vocabulary (not from a file)"
+    by_column = dora and (exp.lora.embedding or exp.lora.fan_in_fan_out)
+    if by_column and base_rows < rows:
+        # DoRA's column norms run over the added rows too, whose values come from no file.
+        tally.unchecked_rows[out.name] = "all rows: DoRA on a resized embedding normalises over rows from no file"
+        return
+    column_scale = _dora_column_scale(out, exp) if by_column else np.ones(out.n_elements // rows, np.float32)
     weight = _DORA_EXTRA_ROUNDINGS if dora else 1.0
     for start, stop in row_slices(out, _SLICE_ELEMENTS, min(rows, base_rows)):
         left, right, rank = _factors(exp, start, stop)
-        w = _stored(out, start, stop)
-        w0 = _stored(exp.base, start, stop) if exp.base is not None else np.zeros(w.shape, np.float32)
-        if w.dtype != w0.dtype:  # one compiled kernel for bf16 pairs, one for float32 pairs
-            w, w0 = (bf16_to_f32(x) if x.dtype == np.uint16 else x for x in (w, w0))
-        magnitude = _read(exp.lora.magnitude, 0, rows).reshape(-1)[start:stop] if dora else np.empty(0, np.float32)
+        w, w0 = _kernel_pair(out, exp.base, start, stop)
+        row_dora = dora and not by_column
+        magnitude = _read(exp.lora.magnitude, 0, rows).reshape(-1)[start:stop] if row_dora else np.empty(0, np.float32)
         rank_error = np.float32(rank * 2.0**-23)
         # float32 scalars: the kernel's arithmetic stays in float32 (mixed with float64 it runs 4x slower).
         judged = kernels.judge_rows(
-            w, w0, left, right, magnitude, np.float32(_ROUNDING[dtype]), np.float32(weight),
+            w, w0, left, right, magnitude, column_scale, np.float32(_ROUNDING[dtype]), np.float32(weight),
             np.float32(_TINY[dtype]), rank_error, w.dtype == np.uint16, w0.dtype == np.uint16,
         )  # fmt: skip
         _judge(out, exp, judged, start, tally)
+
+
+def _kernel_pair(out: TensorEntry, base: TensorEntry | None, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows [start, stop) of the written and the base tensor, both bf16 bit patterns or both float32
+    (one compiled kernel for each pairing); a tensor with no base starts from zeros."""
+    w = _stored(out, start, stop)
+    w0 = _stored(base, start, stop) if base is not None else np.zeros(w.shape, np.float32)
+    if w.dtype != w0.dtype:
+        w, w0 = (bf16_to_f32(x) if x.dtype == np.uint16 else x for x in (w, w0))
+    return w, w0
+
+
+def _dora_column_scale(out: TensorEntry, exp: Expectation) -> np.ndarray:
+    """DoRA on an embedding ([num_embeddings, dim]) or a Conv1D weight ([in, out]) scales columns:
+    magnitude / ||w0 + update|| over each column of the stored tensor, as peft merges it."""
+    from lora2gguf.merge import _algebra_numba as kernels
+
+    sums = np.zeros(out.n_elements // out.shape[0], dtype=np.float64)
+    for start, stop in row_slices(out, _SLICE_ELEMENTS):
+        left, right, _ = _factors(exp, start, stop)
+        _, w0 = _kernel_pair(out, exp.base, start, stop)
+        sums += kernels.column_square_sums(w0, left, right, w0.dtype == np.uint16)
+    magnitude = _read(exp.lora.magnitude, 0, exp.lora.magnitude.shape[0]).reshape(-1)  # type: ignore[union-attr]
+    if magnitude.size != sums.size:
+        raise Lora2ggufError(
+            f"{exp.lora.magnitude.path}: DoRA magnitude of '{out.name}' has {magnitude.size} values, "  # type: ignore[union-attr]
+            f"the tensor {sums.size} columns; nothing was written"
+        )
+    return (magnitude / np.sqrt(sums)).astype(np.float32)
 
 
 def _stored(entry: TensorEntry, start: int, stop: int) -> np.ndarray:

@@ -222,7 +222,7 @@ def _in_out_dims(part: str, shape: tuple[int, ...], fan_in_fan_out: bool) -> tup
 
 
 def _check_lora_tensor(
-    key: str, match: re.Match[str], info: TensorEntry, base: _Base, fan_in_fan_out: bool
+    key: str, match: re.Match[str], info: TensorEntry, base: _Base, fan_in_fan_out: bool, embedding: bool
 ) -> int | None:
     """A LoRA factor, magnitude vector or bias against the base layer it modifies; returns the resized
     vocabulary a LoRA on an embedding implies (None when it implies none)."""
@@ -242,6 +242,9 @@ def _check_lora_tensor(
     if part in ("lora_B", "lora_embedding_B") and leaf != "bias":
         if not (two_d and info.shape[0] == out_dim):
             raise _mismatch(key, info, module_key, target, f"expected [{out_dim}, r] for output size {out_dim}")
+    elif part == "lora_magnitude_vector" and embedding:  # DoRA scales an embedding's dim columns
+        if info.shape[0] != target.shape[1]:
+            raise _mismatch(key, info, module_key, target, f"expected {target.shape[1]} entries, one per column")
     elif part == "lora_magnitude_vector" or leaf == "bias":
         if info.shape[0] != out_dim:
             raise _mismatch(key, info, module_key, target, f"expected {out_dim} entries for output size {out_dim}")
@@ -261,13 +264,14 @@ def check_adapter_fits_base(
     fan_in_fan_out = bool(adapter_cfg.get("fan_in_fan_out", False))
     resized_rows: dict[str, int] = {}
     full_copies: list[str] = []
+    embeddings = {module for module, parts in _lora_parts(adapter).items() if "lora_embedding_A" in parts}
     for key, info in sorted(adapter.tensors.items()):
         match = LORA_KEY_RE.match(strip_prefix(key))
         if match is None:
             module_key, rows = _check_full_copy(key, info, lookup)
             full_copies.append(module_key)
         else:
-            rows = _check_lora_tensor(key, match, info, lookup, fan_in_fan_out)
+            rows = _check_lora_tensor(key, match, info, lookup, fan_in_fan_out, match["module"] in embeddings)
         if rows is not None:
             resized_rows[key] = rows
     sizes = set(resized_rows.values())
