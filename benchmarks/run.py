@@ -516,6 +516,18 @@ def render_markdown(res: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def load_note(before: float, after: float) -> str:
+    """What the 1-minute load averages at the start and the end say about the wall times."""
+    if max(before, after) <= (os.cpu_count() or 1):
+        return "The machine was not loaded beyond its core count."
+    return (
+        "The 1-minute load average was above the core count at the start or the end (the figure after is "
+        "taken right after the last 2-thread run, so it includes the benchmark's own load): wall times may "
+        "be inflated for both sides; the ours/llama.cpp ratios (runs alternate) and CPU seconds are the "
+        "comparable figures."
+    )
+
+
 def rescore(res: dict[str, Any]) -> dict[str, Any]:
     """Recompute every summary, ratio and target verdict from the runs kept in a results JSON (after a change
     in what the table reports); the measurements themselves are not touched."""
@@ -533,6 +545,7 @@ def rescore(res: dict[str, Any]) -> dict[str, Any]:
             _quantize_ratios(entry)
     if res.get("imatrix"):
         _load_module("_bench_imatrix", ROOT / "benchmarks" / "imatrix_speed.py").summarize(res["imatrix"])
+    res["load_note"] = load_note(res["load_average"]["before"][0], res["load_average"]["after"][0])
     res["targets"] = evaluate_targets(res)
     return res
 
@@ -603,7 +616,6 @@ def main(argv: list[str] | None = None) -> int:
         "parts": "median merge + median convert F16 + median quantize Q4_K_M",
     }
     machine = device_info()
-    heavy = max(load_before[0], load_after[0]) > (os.cpu_count() or 1)
     res: dict[str, Any] = {
         "schema": "lora2gguf/bench/1",
         "date": started.strftime("%Y-%m-%d"),
@@ -618,11 +630,7 @@ def main(argv: list[str] | None = None) -> int:
         "threads": args.threads,
         "inputs": inputs,
         "load_average": {"before": [round(x, 2) for x in load_before], "after": [round(x, 2) for x in load_after]},
-        "load_note": (
-            "The machine was shared and loaded beyond its core count: wall times are inflated for both sides; "
-            "the ours/llama.cpp ratios (runs alternate) and CPU seconds are the comparable figures."
-            if heavy else "The machine was not loaded beyond its core count."
-        ),
+        "load_note": load_note(load_before[0], load_after[0]),
         "merge": merge,
         "convert": convert,
         "quantize": quantize,
