@@ -218,22 +218,24 @@ def test_merge_that_changes_an_untouched_tensor_is_refused(
     assert_nothing_written(out)
 
 
-def test_dora_on_an_embedding_is_judged_by_columns(tmp_path: Path, tiny_base: Path) -> None:
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_dora_on_an_embedding_is_judged_by_columns(tmp_path: Path, tiny_base: Path, dtype: str) -> None:
     """peft's DoRA scales the columns of a [vocab, dim] embedding (one magnitude per dim, not per row):
-    the check models that, passes peft's merge, and catches one column scaled 1 % off."""
+    the check models that, passes peft's merge, and catches one column scaled 1 % off (10 % in bf16,
+    whose bound for DoRA allows a few bf16 roundings of about 0.8 % each)."""
     embedding = "model.embed_tokens.weight"
     adapter = make_adapter(tiny_base, tmp_path / "ad", targets=["embed_tokens", "q_proj"], use_dora=True, seed=12)
     out = tmp_path / "out"
-    report = merge_adapter(MergeOptions(tiny_base, adapter, out, device="cpu"))
+    report = merge_adapter(MergeOptions(tiny_base, adapter, out, device="cpu", dtype=dtype))
     figures = report["verification"]["tensors"]
     assert figures["tensors"]["dora"] >= 2 and figures["tensors"]["lora"] == 0
     assert 0 < figures["max_error_to_bound"] <= 1.0 and not figures["unchecked_rows"]
 
     def nudge_column(t: dict[str, Any]) -> None:
-        t[embedding][:, 3] *= 1.01
+        t[embedding][:, 3] *= 1.01 if dtype == "float32" else 1.1
 
     with pytest.raises(Lora2ggufError, match=rf"'{embedding}' is not the base plus the adapter's update"):
-        _check(_planted((out, report), tmp_path, nudge_column), tiny_base, adapter, tied=False)
+        _check(_planted((out, report), tmp_path, nudge_column), tiny_base, adapter, dtype, tied=False)
 
 
 def _merged_gpt2(tmp_path: Path, use_dora: bool) -> tuple[Path, Path, Path]:

@@ -3,8 +3,10 @@
 A LoRA module's merged weight is ``W0 + s * B @ A`` (``s`` is lora_alpha / r, or / sqrt(r) with rsLoRA,
 per module from adapter_config.json); with DoRA it is ``m / ||W0 + s*B@A||_row * (W0 + s*B@A)`` (norms
 of columns instead for an embedding or a Conv1D weight, which are stored transposed); a full module
-copy (modules_to_save) replaces the base tensor; every other tensor is the base's, unchanged. The expectation is computed here from the files alone -- base, adapter and config, in float32 (one
-numba pass per tensor), never through peft -- and each written element must lie within the rounding its dtype allows:
+copy (modules_to_save) replaces the base tensor; every other tensor is the base's, unchanged. The
+expectation is computed here from the files alone -- base, adapter and config, in float32 (one numba
+pass per tensor), never through peft -- and each written element must lie within the rounding its
+dtype allows:
 
     |written - expected| <= u * (|W0| + |s*B@A| + |expected|) + r * 2^-23 * |s| * (|B| @ |A|) + tiny
 
@@ -236,7 +238,7 @@ def _dora_column_scale(out: TensorEntry, exp: Expectation) -> np.ndarray:
     sums = np.zeros(out.n_elements // out.shape[0], dtype=np.float64)
     for start, stop in row_slices(out, _SLICE_ELEMENTS):
         left, right, _ = _factors(exp, start, stop)
-        _, w0 = _kernel_pair(out, exp.base, start, stop)
+        w0 = _stored(exp.base, start, stop)  # type: ignore[arg-type]  # a LoRA module always has a base
         sums += kernels.column_square_sums(w0, left, right, w0.dtype == np.uint16)
     magnitude = _read(exp.lora.magnitude, 0, exp.lora.magnitude.shape[0]).reshape(-1)  # type: ignore[union-attr]
     if magnitude.size != sums.size:
