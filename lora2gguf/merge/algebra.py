@@ -191,8 +191,7 @@ def _check_tensor(out: TensorEntry, exp: Expectation, dtype: str, tally: _Tally)
         return
     if exp.copy is not None:
         raise Lora2ggufError(f"{exp.copy.path}: '{out.name}' has both a full copy and a LoRA update; peft keeps one")
-    from lora2gguf.merge import _algebra_numba as kernels
-
+    kernels = _kernels()
     dora = exp.lora is not None and exp.lora.magnitude is not None
     tally.tensors["dora" if dora else "lora"] += 1
     rows = out.shape[0]
@@ -220,6 +219,13 @@ def _check_tensor(out: TensorEntry, exp: Expectation, dtype: str, tally: _Tally)
         _judge(out, exp, judged, start, tally)
 
 
+def _kernels() -> Any:
+    """The compiled kernels, imported on first use: numba's import and cache load cost about a second."""
+    from lora2gguf.merge import _algebra_numba
+
+    return _algebra_numba
+
+
 def _kernel_pair(out: TensorEntry, base: TensorEntry | None, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
     """Rows [start, stop) of the written and the base tensor, both bf16 bit patterns or both float32
     (one compiled kernel for each pairing); a tensor with no base starts from zeros."""
@@ -233,8 +239,7 @@ def _kernel_pair(out: TensorEntry, base: TensorEntry | None, start: int, stop: i
 def _dora_column_scale(out: TensorEntry, exp: Expectation) -> np.ndarray:
     """DoRA on an embedding ([num_embeddings, dim]) or a Conv1D weight ([in, out]) scales columns:
     magnitude / ||w0 + update|| over each column of the stored tensor, as peft merges it."""
-    from lora2gguf.merge import _algebra_numba as kernels
-
+    kernels = _kernels()
     sums = np.zeros(out.n_elements // out.shape[0], dtype=np.float64)
     for start, stop in row_slices(out, _SLICE_ELEMENTS):
         left, right, _ = _factors(exp, start, stop)
