@@ -54,82 +54,71 @@ def _inverse(d):  # pragma: no cover - compiled
     return _ONE / d if d != _ZERO else _ZERO
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
-def q4_0(X, OUT):  # pragma: no cover - compiled
-    """quantize_row_q4_0_ref: d = max / -8 (signed abs-max), q = min(15, (int8)(x/d + 8.5))."""
+@njit(inline="always", cache=True, error_model="numpy")
+def _symmetric(X, OUT, half, block_bytes):  # pragma: no cover - compiled
+    """quantize_row_q4_0_ref (half 8) / q5_0_ref (half 16): d = max / -half (signed abs-max),
+    q = min(2 * half - 1, (int8)(x/d + half + 0.5)); Q5_0's fifth bits in a 32-bit qh before the nibbles.
+    Inlined into each type's kernel, so the constants fold as in a hand-written one."""
+    top = 2 * half - 1
+    divisor = np.float32(-half)
+    offset = np.float32(half + 0.5)
     L = np.empty(_QK, np.int64)
     fbuf = np.empty(1, np.float32)
     ubuf = fbuf.view(np.uint32)
     for r in range(X.shape[0]):
         x = X[r]
         for i in range(X.shape[1] // _QK):
-            s, o = i * _QK, i * 18
+            s, o = i * _QK, i * block_bytes
             vmax, _ = _signed_absmax(x, s)
-            d = vmax / np.float32(-8.0)
+            d = vmax / divisor
             inv = _inverse(d)
             _store_fp16(OUT[r], o, d, fbuf, ubuf)
             for j in range(_QK):
-                L[j] = min(15, int(x[s + j] * inv + np.float32(8.5)))
-            _put_qs_qh(OUT[r], o + 2, L, False)
+                L[j] = min(top, int(x[s + j] * inv + offset))
+            _put_qs_qh(OUT[r], o + block_bytes - 16, L, half == 16)
 
 
-@njit(cache=True, nogil=True, error_model="numpy")
-def q4_1(X, OUT):  # pragma: no cover - compiled
-    """quantize_row_q4_1_ref: d = (max - min) / 15, m = min, q = min(15, (int8)((x - min)/d + 0.5))."""
+@njit(inline="always", cache=True, error_model="numpy")
+def _affine(X, OUT, top, block_bytes):  # pragma: no cover - compiled
+    """quantize_row_q4_1_ref (top 15) / q5_1_ref (top 31): d = (max - min) / top, m = min,
+    q = (x - min)/d + 0.5 truncated; Q5_1's fifth bits in a 32-bit qh before the nibbles. ggml clamps
+    Q4_1's level to 15 and not Q5_1's: (max - min)/d + 0.5 stays below 31.5, so the clamp is a no-op there."""
+    divisor = np.float32(top)
     L = np.empty(_QK, np.int64)
     fbuf = np.empty(1, np.float32)
     ubuf = fbuf.view(np.uint32)
     for r in range(X.shape[0]):
         x = X[r]
         for i in range(X.shape[1] // _QK):
-            s, o = i * _QK, i * 20
+            s, o = i * _QK, i * block_bytes
             lo, hi = _min_max(x, s)
-            d = (hi - lo) / np.float32(15.0)
+            d = (hi - lo) / divisor
             inv = _inverse(d)
             _store_fp16(OUT[r], o, d, fbuf, ubuf)
             _store_fp16(OUT[r], o + 2, lo, fbuf, ubuf)
             for j in range(_QK):
-                L[j] = min(15, int((x[s + j] - lo) * inv + np.float32(0.5)))
-            _put_qs_qh(OUT[r], o + 4, L, False)
+                L[j] = min(top, int((x[s + j] - lo) * inv + np.float32(0.5)))
+            _put_qs_qh(OUT[r], o + block_bytes - 16, L, top == 31)
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def q4_0(X, OUT):  # pragma: no cover - compiled
+    _symmetric(X, OUT, 8, 18)
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
 def q5_0(X, OUT):  # pragma: no cover - compiled
-    """quantize_row_q5_0_ref: d = max / -16, q = min(31, (int8)(x/d + 16.5)); fifth bits in a 32-bit qh."""
-    L = np.empty(_QK, np.int64)
-    fbuf = np.empty(1, np.float32)
-    ubuf = fbuf.view(np.uint32)
-    for r in range(X.shape[0]):
-        x = X[r]
-        for i in range(X.shape[1] // _QK):
-            s, o = i * _QK, i * 22
-            vmax, _ = _signed_absmax(x, s)
-            d = vmax / np.float32(-16.0)
-            inv = _inverse(d)
-            _store_fp16(OUT[r], o, d, fbuf, ubuf)
-            for j in range(_QK):
-                L[j] = min(31, int(x[s + j] * inv + np.float32(16.5)))
-            _put_qs_qh(OUT[r], o + 6, L, True)
+    _symmetric(X, OUT, 16, 22)
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def q4_1(X, OUT):  # pragma: no cover - compiled
+    _affine(X, OUT, 15, 20)
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
 def q5_1(X, OUT):  # pragma: no cover - compiled
-    """quantize_row_q5_1_ref: d = (max - min) / 31, m = min, q = (uint8)((x - min)/d + 0.5)."""
-    L = np.empty(_QK, np.int64)
-    fbuf = np.empty(1, np.float32)
-    ubuf = fbuf.view(np.uint32)
-    for r in range(X.shape[0]):
-        x = X[r]
-        for i in range(X.shape[1] // _QK):
-            s, o = i * _QK, i * 24
-            lo, hi = _min_max(x, s)
-            d = (hi - lo) / np.float32(31.0)
-            inv = _inverse(d)
-            _store_fp16(OUT[r], o, d, fbuf, ubuf)
-            _store_fp16(OUT[r], o + 2, lo, fbuf, ubuf)
-            for j in range(_QK):
-                L[j] = int((x[s + j] - lo) * inv + np.float32(0.5))
-            _put_qs_qh(OUT[r], o + 8, L, True)
+    _affine(X, OUT, 31, 24)
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
