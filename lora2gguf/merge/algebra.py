@@ -205,11 +205,12 @@ def _check_tensor(out: TensorEntry, exp: Expectation, dtype: str, tally: _Tally)
         return
     column_scale = _dora_column_scale(out, exp) if by_column else np.ones(out.n_elements // rows, np.float32)
     weight = _DORA_EXTRA_ROUNDINGS if dora else 1.0
+    row_dora = dora and not by_column
+    magnitudes = _read(exp.lora.magnitude, 0, rows).reshape(-1) if row_dora else np.empty(0, np.float32)  # type: ignore[union-attr]
     for start, stop in row_slices(out, _SLICE_ELEMENTS, min(rows, base_rows)):
         left, right, rank = _factors(exp, start, stop)
         w, w0 = _kernel_pair(out, exp.base, start, stop)
-        row_dora = dora and not by_column
-        magnitude = _read(exp.lora.magnitude, 0, rows).reshape(-1)[start:stop] if row_dora else np.empty(0, np.float32)
+        magnitude = magnitudes[start:stop]
         rank_error = np.float32(rank * 2.0**-23)
         # float32 scalars: the kernel's arithmetic stays in float32 (mixed with float64 it runs 4x slower).
         judged = kernels.judge_rows(
@@ -245,12 +246,8 @@ def _dora_column_scale(out: TensorEntry, exp: Expectation) -> np.ndarray:
         left, right, _ = _factors(exp, start, stop)
         w0 = _stored(exp.base, start, stop)  # type: ignore[arg-type]  # a LoRA module always has a base
         sums += kernels.column_square_sums(w0, left, right, w0.dtype == np.uint16)
+    # One magnitude per column: merge.inputs.check_adapter_fits_base refused any other length already.
     magnitude = _read(exp.lora.magnitude, 0, exp.lora.magnitude.shape[0]).reshape(-1)  # type: ignore[union-attr]
-    if magnitude.size != sums.size:
-        raise Lora2ggufError(
-            f"{exp.lora.magnitude.path}: DoRA magnitude of '{out.name}' has {magnitude.size} values, "  # type: ignore[union-attr]
-            f"the tensor {sums.size} columns; nothing was written"
-        )
     return (magnitude / np.sqrt(sums)).astype(np.float32)
 
 
