@@ -274,3 +274,19 @@ def test_conv1d_weights_are_judged_transposed(tmp_path: Path, use_dora: bool) ->
 
     with pytest.raises(Lora2ggufError, match=rf"'{attention}' is not the base plus the adapter's update"):
         _check(_planted((merged, {}), tmp_path, nudge_column), base, adapter)
+
+
+def test_dora_embedding_magnitude_of_the_wrong_length_is_refused(tmp_path: Path, tiny_base: Path) -> None:
+    """An embedding's DoRA magnitude has one value per column; a truncated one names the file and tensor."""
+    from safetensors.torch import load_file, save_file
+
+    adapter = make_adapter(tiny_base, tmp_path / "ad", targets=["embed_tokens"], use_dora=True, seed=13)
+    weights = adapter / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    key = next(k for k in tensors if "embed_tokens.lora_magnitude_vector" in k)
+    tensors[key] = tensors[key][:-1].clone()
+    save_file(tensors, weights, metadata={"format": "pt"})
+    out = tmp_path / "out"
+    with pytest.raises(Lora2ggufError, match=rf"adapter_model\.safetensors: tensor '{key}'.*one per column"):
+        merge_adapter(MergeOptions(tiny_base, adapter, out, device="cpu"))
+    assert_nothing_written(out)
